@@ -1,0 +1,1 @@
+"""dpnotes: DP fine-tuning of language models on clinical notes."""

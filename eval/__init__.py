@@ -1,0 +1,1 @@
+"""Utility and privacy evaluation of synthetic notes."""

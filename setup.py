@@ -1,0 +1,11 @@
+"""train/, generate/ and eval/ are top-level folders (product layout) that import as
+dpnotes.train, dpnotes.generate and dpnotes.eval: one import scheme, never a bare `eval`."""
+from setuptools import find_packages, setup
+
+ROOTS = {"dpnotes": "dpnotes", "dpnotes.train": "train", "dpnotes.generate": "generate", "dpnotes.eval": "eval"}
+
+packages = list(ROOTS)
+for name, folder in ROOTS.items():
+    packages += [f"{name}.{sub}" for sub in find_packages(folder)]
+
+setup(packages=packages, package_dir=ROOTS)

@@ -1,0 +1,1 @@
+"""DP training engine and recipes."""
