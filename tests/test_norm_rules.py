@@ -1,0 +1,175 @@
+"""Every norm rule against a batch-size-1 oracle: norms, clipped sums, both clipping modes,
+batches of 0 and 1, T = 1, masked tokens, shared modules and per-patient units."""
+import pytest
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.pytorch_utils import Conv1D
+
+from dpnotes.testing.dp_oracle import clipped_sum_reference, flat_grad, per_example_gradients
+from dpnotes.train.dp.clipping import PerExampleClipper
+from dpnotes.train.dp.rules import UnsupportedParameterError
+
+FEATURES = 6
+
+
+class Probe(nn.Module):
+    """Runs `body` on batch["x"]; the loss is a fixed nonlinear read-out of masked tokens."""
+
+    def __init__(self, body: nn.Module, seed: int = 0):
+        super().__init__()
+        self.body = body
+        gen = torch.Generator().manual_seed(seed)
+        for p in self.body.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def probe_losses(model, batch):
+    out = torch.tanh(model(batch["x"]))
+    if out.dim() == 2:
+        return out.sum(dim=1) * batch["mask"][:, 0]
+    mask = batch["mask"].reshape(out.shape[0], out.shape[1], *([1] * (out.dim() - 2)))
+    return (out * mask).flatten(1).sum(dim=1)
+
+
+def float_tokens(batch, tokens, gen):
+    return torch.randn(batch, tokens, FEATURES, generator=gen)
+
+
+def float_rows(batch, tokens, gen):
+    return torch.randn(batch, FEATURES, generator=gen)
+
+
+def token_ids(batch, tokens, gen):
+    ids = torch.randint(0, 7, (batch, tokens), generator=gen)  # small vocab: repeated ids
+    return ids
+
+
+def head_tokens(batch, tokens, gen):
+    return torch.randn(batch, tokens, 3, FEATURES, generator=gen)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(FEATURES, FEATURES)
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, FEATURES, padding_idx=0)
+        self.proj = nn.Linear(FEATURES, 32)
+        self.norm = nn.LayerNorm(32)
+        self.rms = LlamaRMSNorm(32)
+        self.out = Conv1D(5, 32)
+
+    def forward(self, ids):
+        return self.out(self.rms(self.norm(torch.relu(self.proj(self.embed(ids))))))
+
+
+CASES = {
+    "linear": (lambda: nn.Linear(FEATURES, 5), float_tokens),
+    "linear_no_bias": (lambda: nn.Linear(FEATURES, 5, bias=False), float_tokens),
+    "linear_2d_input": (lambda: nn.Linear(FEATURES, 5), float_rows),
+    "linear_ghost_path": (lambda: nn.Linear(FEATURES, 64), float_tokens),  # 2T² < p·d
+    "conv1d": (lambda: Conv1D(5, FEATURES), float_tokens),
+    "embedding_padding_idx": (lambda: nn.Embedding(7, FEATURES, padding_idx=0), token_ids),
+    "layernorm": (lambda: nn.LayerNorm(FEATURES), float_tokens),
+    "layernorm_no_bias": (lambda: nn.LayerNorm(FEATURES, bias=False), float_tokens),
+    "torch_rmsnorm": (lambda: nn.RMSNorm(FEATURES, eps=1e-5), float_tokens),
+    "llama_rmsnorm": (lambda: LlamaRMSNorm(FEATURES), float_tokens),
+    "rmsnorm_per_head": (lambda: LlamaRMSNorm(FEATURES), head_tokens),
+    "shared_module_called_twice": (Shared, float_tokens),
+    "stack_of_families": (Stack, token_ids),
+}
+
+
+def make_batch(make_input, batch, tokens, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(batch, tokens, generator=gen) > 0.3).float()
+    if batch and tokens > 1:
+        mask[0] = 1.0
+    return {"x": make_input(batch, tokens, gen), "mask": mask}
+
+
+def run_clipper(model, batch, mode, max_grad_norm, group_index=None):
+    clipper = PerExampleClipper(model, max_grad_norm, mode=mode)
+    model.zero_grad(set_to_none=True)
+    with clipper.recording():
+        losses = probe_losses(model, batch) if len(batch["x"]) else torch.zeros(0)
+    result = clipper.backward(losses, group_index)
+    return result, flat_grad(model)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+@pytest.mark.parametrize("batch,tokens", [(4, 5), (1, 5), (3, 1)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rule_matches_oracle(case, batch, tokens, mode):
+    build, make_input = CASES[case]
+    model = Probe(build()).double()
+    data = make_batch(make_input, batch, tokens)
+    data["x"] = data["x"].double() if data["x"].is_floating_point() else data["x"]
+    per_example = per_example_gradients(model, probe_losses, data)
+    max_grad_norm = float(per_example.norm(dim=1).median()) if batch > 1 else 1e3
+    ref_norms, ref_sum = clipped_sum_reference(per_example, max_grad_norm)
+
+    result, clipped_sum = run_clipper(model, data, mode, max_grad_norm)
+
+    torch.testing.assert_close(result.norms.double(), ref_norms, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(clipped_sum, ref_sum, rtol=1e-4, atol=1e-7)
+    if batch > 1:
+        assert 0 < result.clipped_count < batch
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+@pytest.mark.parametrize("case", ["linear", "embedding_padding_idx", "stack_of_families"])
+def test_patient_units_clip_the_summed_gradient(case, mode):
+    build, make_input = CASES[case]
+    model = Probe(build()).double()
+    data = make_batch(make_input, 5, 4)
+    data["x"] = data["x"].double() if data["x"].is_floating_point() else data["x"]
+    patients = torch.tensor([2, 0, 2, 1, 2])
+    per_example = per_example_gradients(model, probe_losses, data)
+    ref_norms, ref_sum = clipped_sum_reference(per_example, 0.5, patients)
+
+    result, clipped_sum = run_clipper(model, data, mode, 0.5, patients)
+
+    torch.testing.assert_close(result.norms.double(), ref_norms, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(clipped_sum, ref_sum, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_empty_batch_adds_nothing(mode):
+    model = Probe(nn.Linear(FEATURES, 5))
+    data = make_batch(float_tokens, 0, 3)
+    result, clipped_sum = run_clipper(model, data, mode, 1.0)
+    assert result.norms.shape == (0,)
+    assert torch.count_nonzero(clipped_sum) == 0
+
+
+def test_parameter_without_rule_is_named():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(3))
+
+    model = nn.Sequential(nn.Linear(3, 3), Scale())
+    with pytest.raises(UnsupportedParameterError, match=r"1\.gain \(Scale\)"):
+        PerExampleClipper(model, 1.0)
+    model[1].gain.requires_grad_(False)
+    assert len(PerExampleClipper(model, 1.0).layers) == 1  # frozen parameters are no concern
+
+
+def test_tied_trainable_weights_are_refused():
+    embed, head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+    head.weight = embed.weight
+    with pytest.raises(UnsupportedParameterError, match="tied"):
+        PerExampleClipper(nn.ModuleDict({"embed": embed, "head": head}), 1.0)

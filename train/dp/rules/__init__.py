@@ -1,0 +1,13 @@
+"""Per-example gradient-norm rules, one file per layer family, registered by module type.
+
+A rule turns what a layer saw in the forward pass (its input) and in the backward pass (the
+gradient of its output) into per-example squared gradient norms and, for book-keeping clipping,
+into the clipped-and-summed gradient. Rules never read the weight tensor: under ZeRO-3 it is
+partitioned, while inputs and output gradients are always whole.
+"""
+from dpnotes.train.dp.rules.registry import NormRule, UnsupportedParameterError, register_norm_rule, rule_for
+
+# Importing the families registers them.
+from dpnotes.train.dp.rules import embedding, linear, normalization  # noqa: E402,F401
+
+__all__ = ["NormRule", "UnsupportedParameterError", "register_norm_rule", "rule_for"]
