@@ -103,7 +103,7 @@ def make_batch(make_input, batch, tokens, seed=1):
 def run_clipper(model, batch, mode, max_grad_norm, group_index=None):
     clipper = PerExampleClipper(model, max_grad_norm, mode=mode)
     model.zero_grad(set_to_none=True)
-    with clipper.recording():
+    with clipper.recording(len(batch["x"])):
         losses = probe_losses(model, batch) if len(batch["x"]) else torch.zeros(0)
     result = clipper.backward(losses, group_index)
     return result, flat_grad(model)

@@ -128,9 +128,13 @@ class PerExampleClipper:
         return [p for layer in self.layers for p in layer.params.values()]
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        """Record the forward passes run inside (hooks are removed on exit)."""
-        handles = [layer.module.register_forward_hook(self._recorder(layer), with_kwargs=True) for layer in self.layers]
+    def recording(self, batch_size: int) -> Iterator[None]:
+        """Record the forward passes of a batch of `batch_size` examples run inside (hooks are
+        removed on exit)."""
+        handles = [
+            layer.module.register_forward_hook(self._recorder(layer, batch_size), with_kwargs=True)
+            for layer in self.layers
+        ]
         try:
             yield
         finally:
@@ -138,11 +142,25 @@ class PerExampleClipper:
                 handle.remove()
 
     @staticmethod
-    def _recorder(layer: ClippedLayer):
+    def _recorder(layer: ClippedLayer, batch_size: int):
         def record(module, args, kwargs, output):
-            if torch.is_tensor(output) and output.requires_grad:
-                layer.saved.append(layer.rule.capture(module, _layer_input(args, kwargs)))
-                layer.outputs.append(output)
+            if not (torch.is_tensor(output) and output.requires_grad):
+                return None
+            layer_input = _layer_input(args, kwargs)
+            if output.shape[0] != batch_size:
+                # Inputs shared by the batch (e.g. position ids of shape (1, T)) give an output that
+                # broadcasts later; its gradient would be summed over examples. Expand it here so
+                # each example keeps its own backprop.
+                if output.shape[0] != 1 or layer_input.shape[0] != 1:
+                    raise UnsupportedParameterError(
+                        f"{layer.name}: output batch dimension {output.shape[0]} is neither the batch size "
+                        f"{batch_size} nor 1; cannot attribute its gradient to examples"
+                    )
+                output = output.expand(batch_size, *output.shape[1:])
+                layer_input = layer_input.expand(batch_size, *layer_input.shape[1:])
+            layer.saved.append(layer.rule.capture(module, layer_input))
+            layer.outputs.append(output)
+            return output
 
         return record
 
