@@ -1,0 +1,39 @@
+"""The note corpus layer: one schema (`Note`) shared by train, generate and eval, its readers and
+writers, patient-level splits and the embedded synthetic default corpus."""
+from dpnotes.corpus.load import load_corpus
+from dpnotes.corpus.mimic import read_mimic3, read_mimic4
+from dpnotes.corpus.public_corpora import MTSAMPLES_DOCUMENT_TYPES, read_cmc2007, read_mtsamples
+from dpnotes.corpus.readers import read_notes, write_notes
+from dpnotes.corpus.schema import CorpusError, Note, validate_notes
+from dpnotes.corpus.splits import label_counts, split_by_patient
+
+# synthetic_default is imported on first use: importing it here would make
+# `python -m dpnotes.corpus.synthetic_default` load the module twice (runpy warns about that).
+_SYNTHETIC_NAMES = ("canary_secrets", "generate_default_corpus")
+
+
+def __getattr__(name: str):
+    if name in _SYNTHETIC_NAMES:
+        from dpnotes.corpus import synthetic_default
+
+        return getattr(synthetic_default, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MTSAMPLES_DOCUMENT_TYPES",
+    "CorpusError",
+    "Note",
+    "canary_secrets",
+    "generate_default_corpus",
+    "label_counts",
+    "load_corpus",
+    "read_cmc2007",
+    "read_mimic3",
+    "read_mimic4",
+    "read_mtsamples",
+    "read_notes",
+    "split_by_patient",
+    "validate_notes",
+    "write_notes",
+]

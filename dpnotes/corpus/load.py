@@ -1,0 +1,45 @@
+"""`load_corpus`: one entry point that picks the reader from a spec string."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dpnotes.corpus.mimic import read_mimic3_dir, read_mimic4_dir
+from dpnotes.corpus.public_corpora import read_cmc2007, read_mtsamples
+from dpnotes.corpus.readers import SCHEMA_SUFFIXES, read_notes
+from dpnotes.corpus.schema import CorpusError, Note
+
+PREFIXED_READERS = {
+    "mtsamples": read_mtsamples,
+    "cmc2007": read_cmc2007,
+    "mimic3": read_mimic3_dir,
+    "mimic4": read_mimic4_dir,
+    "notes": read_notes,
+}
+
+
+def load_corpus(spec: str | Path, **options: Any) -> list[Note]:
+    """Load a corpus from a spec and pass `options` to its reader.
+
+    Specs: `mtsamples:PATH`, `cmc2007:PATH`, `mimic3:DIR`, `mimic4:DIR`, `notes:PATH`, `default`
+    (the embedded synthetic corpus), or a plain path: `mtsamples.csv`, `*.xml` (CMC-2007), or a
+    `.jsonl` / `.csv` / `.parquet` file in the schema.
+    """
+    text = str(spec)
+    if text == "default":
+        from dpnotes.corpus.synthetic_default import generate_default_corpus  # see the note in __init__
+
+        return generate_default_corpus(**options)
+    prefix, has_prefix, rest = text.partition(":")
+    if has_prefix and prefix in PREFIXED_READERS:
+        return PREFIXED_READERS[prefix](rest, **options)
+    path = Path(text)
+    if not path.exists():
+        raise CorpusError(text, "file not found")
+    if path.name.lower() == "mtsamples.csv":
+        return read_mtsamples(path, **options)
+    if path.suffix.lower() == ".xml":
+        return read_cmc2007(path, **options)
+    if path.suffix in SCHEMA_SUFFIXES:
+        return read_notes(path, **options)
+    raise CorpusError(text, "unknown corpus (use a prefix such as mtsamples:, cmc2007:, mimic3:, mimic4:)")

@@ -1,0 +1,74 @@
+"""The one note schema shared by train, generate and eval."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Note:
+    """One clinical note. `patient_id` is the privacy unit: DP accounting and splits group by it."""
+
+    id: str
+    patient_id: str
+    text: str
+    codes: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used. The message names the file, the row or record and the problem,
+    never the note text (it may hold PHI)."""
+
+    def __init__(self, source: str, problem: str, row: int | str | None = None):
+        where = f"{source} row {row}" if row is not None else str(source)
+        super().__init__(f"{where}: {problem}")
+        self.source, self.row, self.problem = str(source), row, problem
+
+
+def require_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(str(path), "file not found")
+    return path
+
+
+def check_codes(codes: Any, source: str, row: int | str) -> list[str]:
+    """Return `codes` if it is a list of non-empty strings, else raise naming the row."""
+    if not isinstance(codes, list):
+        raise CorpusError(source, f"codes must be a list of strings, got {type(codes).__name__}", row)
+    for code in codes:
+        if not isinstance(code, str) or not code.strip():
+            raise CorpusError(source, f"malformed code {code!r} (codes must be non-empty strings)", row)
+    return codes
+
+
+def validate_notes(
+    notes: Sequence[Note], source: str, known_codes: Iterable[str] | None = None
+) -> None:
+    """Check ids, patient ids, text and codes of every note, and that ids are unique.
+
+    Rows are reported 1-based in the order of `notes` (the data row order of the file it came from).
+    With `known_codes`, a code outside that set is an error too.
+    """
+    known = set(known_codes) if known_codes is not None else None
+    first_row_of_id: dict[str, int] = {}
+    for row, note in enumerate(notes, start=1):
+        for name in ("id", "patient_id", "text"):
+            value = getattr(note, name)
+            if not isinstance(value, str) or not value.strip():
+                raise CorpusError(source, f"empty {name}", row)
+        check_codes(note.codes, source, row)
+        if known is not None:
+            unknown = sorted(set(note.codes) - known)
+            if unknown:
+                raise CorpusError(source, f"unknown code(s) {', '.join(unknown)}", row)
+        if not isinstance(note.metadata, dict):
+            raise CorpusError(source, "metadata must be a dict", row)
+        if note.id in first_row_of_id:
+            raise CorpusError(
+                source, f"duplicate id {note.id!r} (first at row {first_row_of_id[note.id]})", row
+            )
+        first_row_of_id[note.id] = row

@@ -1,0 +1,39 @@
+"""Train/dev/test splits by patient, so that no patient's text is both trained on and evaluated."""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+from dpnotes.corpus.schema import Note
+
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+def split_by_patient(
+    notes: Sequence[Note], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> dict[str, list[Note]]:
+    """Split notes into train/dev/test by a seeded permutation of the sorted patient ids.
+
+    `fractions` apply to patients, not notes. Notes keep their input order within a split.
+    """
+    if len(fractions) != len(SPLIT_NAMES) or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    patients = sorted({note.patient_id for note in notes})
+    # Sorting first makes the split independent of note order; the seed alone decides the permutation.
+    random.Random(seed).shuffle(patients)
+    n_train = round(fractions[0] * len(patients))
+    n_dev = round(fractions[1] * len(patients))
+    split_of_patient = {}
+    for index, patient in enumerate(patients):
+        split_of_patient[patient] = "train" if index < n_train else "dev" if index < n_train + n_dev else "test"
+    splits: dict[str, list[Note]] = {name: [] for name in SPLIT_NAMES}
+    for note in notes:
+        splits[split_of_patient[note.patient_id]].append(note)
+    return splits
+
+
+def label_counts(notes: Sequence[Note]) -> Counter[str]:
+    """Number of notes carrying each code."""
+    return Counter(code for note in notes for code in set(note.codes))
