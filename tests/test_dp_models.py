@@ -77,3 +77,18 @@ def test_tied_full_finetuning_is_refused_but_lora_on_tied_model_works():
     with pytest.raises(UnsupportedParameterError, match="tied"):
         PerExampleClipper(tiny_llama(tie=True), 1.0)
     check_against_oracle(with_lora(tiny_llama(tie=True), ["q_proj", "v_proj"]), causal_lm_losses, lm_batch(3), "bk")
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_bf16_model_norms_are_accumulated_in_fp32(mode):
+    reference_model = with_lora(tiny_llama(), ["q_proj", "v_proj"])
+    batch = lm_batch(4)
+    ref_norms = per_example_gradients(reference_model, causal_lm_losses, batch).norm(dim=1)
+    model = reference_model.to(torch.bfloat16)
+    clipper = PerExampleClipper(model, max_grad_norm=1e3, mode=mode)
+    with clipper.recording(4):
+        losses = causal_lm_losses(model, batch)
+    result = clipper.backward(losses)
+    assert result.norms.dtype == torch.float32
+    torch.testing.assert_close(result.norms, ref_norms, rtol=5e-2, atol=1e-3)
+    assert all(p.grad.dtype == torch.bfloat16 for p in clipper.parameters)
