@@ -93,6 +93,11 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return next(iter(kwargs.values()))
 
 
+def _join_calls(per_call: list[torch.Tensor]) -> torch.Tensor:
+    """Several calls of one module count as one longer sequence (their gradients add up)."""
+    return per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=1)
+
+
 def group_tokens(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
     """(B, T, ...) -> (U, K·T, ...): each unit's examples side by side on the token axis, zero-padded.
 
@@ -195,8 +200,8 @@ class PerExampleClipper:
         for layer in recorded:
             grads = backprops[start : start + len(layer.outputs)]
             start += len(layer.outputs)
-            saved = torch.cat(layer.saved, dim=1)
-            grad_output = torch.cat([g.reshape(batch, -1, g.shape[-1]) for g in grads], dim=1)
+            saved = _join_calls(layer.saved)
+            grad_output = _join_calls([g.reshape(batch, -1, g.shape[-1]) for g in grads])
             per_layer.append((layer, saved, grad_output))
 
         sq_norms = torch.zeros(n_units, device=losses.device, dtype=torch.float32)

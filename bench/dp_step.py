@@ -1,0 +1,205 @@
+"""Time per DP step and peak memory: non-private vs dpnotes (ghost, book-keeping) vs Opacus 1.6.
+
+    python bench/dp_step.py                               # tiny LLaMA + SmolLM2-135M, LoRA and full
+    python bench/dp_step.py --models tiny-llama --steps 5
+
+Each (model, setup, variant) runs in its own process so peak RSS is its own; variants of one
+model/setup run back to back, in alternating order over rounds, and the table reports the
+median over rounds as ratios to the non-private step measured in the same run.
+Full fine-tuning unties SmolLM2's embeddings first (per-example norms of tied weights are refused).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ["nonprivate", "dpnotes_bk", "dpnotes_ghost", "opacus_ghost", "opacus_hooks"]
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def build_model(name: str, setup: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dpnotes.models import load_causal_lm
+    from dpnotes.train.model_setup import untie_word_embeddings
+    from dpnotes.testing.tiny_models import tiny_llama
+
+    if name == "tiny-llama":
+        model = tiny_llama(vocab=512, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256)
+    else:
+        model, _ = load_causal_lm(name, attn_implementation="eager")
+    model.train()
+    if setup == "lora":
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        return get_peft_model(model, config)
+    untie_word_embeddings(model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def token_losses(logits, labels):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="mean")
+
+
+def worker(name: str, setup: str, variant: str, steps: int, batch_size: int, seq_len: int) -> dict:
+    import torch
+
+    from dpnotes.testing.tiny_models import random_batch
+
+    torch.manual_seed(0)
+    model = build_model(name, setup)
+    vocab = model.config.vocab_size
+    batch = random_batch(vocab=vocab, batch=batch_size, seq_len=seq_len, seed=0, pad_fraction=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    step = make_step(variant, model, optimizer, batch)
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"step_s": statistics.median(times), "peak_rss_gb": peak_gb}
+
+
+def make_step(variant, model, optimizer, batch):
+    import torch
+
+    batch_size = batch["input_ids"].shape[0]
+    if variant == "nonprivate":
+
+        def step():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_losses(logits, batch["labels"]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    if variant.startswith("dpnotes"):
+        from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
+        from dpnotes.train.dp.losses import causal_lm_losses
+
+        config = PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size, steps=10**6,
+                               clipping=variant.split("_")[1], micro_batch_size=batch_size, seed=0)
+        engine = PrivacyEngine(model, config, num_units=batch_size)
+
+        def step():
+            engine.clip_accumulate(model, causal_lm_losses, batch)
+            engine.privatize_gradients()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    return make_opacus_step(variant, model, optimizer, batch)
+
+
+def make_opacus_step(variant, model, optimizer, batch):
+    import torch
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    batch_size = batch["input_ids"].shape[0]
+    if variant == "opacus_ghost":
+        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                      max_grad_norm=1.0, use_ghost_clipping=True)
+        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                       expected_batch_size=batch_size, loss_reduction="mean")
+        criterion = DPLossFastGradientClipping(module, dp_optimizer, torch.nn.CrossEntropyLoss(), "mean")
+
+        def step():
+            logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            loss = criterion(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), shape=logits.shape)
+            loss.backward()
+            dp_optimizer.step()
+            dp_optimizer.zero_grad(set_to_none=True)
+
+        return step
+    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size)
+
+    def step():
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token_losses(logits, batch["labels"]).backward()
+        dp_optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_variant(args, name, setup, variant) -> dict:
+    command = [sys.executable, __file__, "--worker", name, setup, variant,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": last[:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
+    parser.add_argument("--setups", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "SETUP", "VARIANT"))
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps, args.batch, args.seq)))
+        return
+
+    results = {}
+    print(f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, {args.rounds} rounds, CPU")
+    print(f"{'model':14} {'setup':5} {'variant':14} {'s/step':>8} {'x non-priv':>10} {'peak GB':>8} {'x non-priv':>10}")
+    for name in args.models:
+        for setup in args.setups:
+            runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+            for round_ in range(args.rounds):
+                order = args.variants if round_ % 2 == 0 else list(reversed(args.variants))
+                for variant in order:
+                    runs[variant].append(run_variant(args, name, setup, variant))
+            base = summarize(runs.get("nonprivate", []))
+            for variant in args.variants:
+                summary = summarize(runs[variant])
+                results[f"{name}/{setup}/{variant}"] = summary
+                print(format_row(name, setup, variant, summary, base), flush=True)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+def summarize(runs: list[dict]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return {"error": runs[0]["error"] if runs else "not run"}
+    return {"step_s": statistics.median(r["step_s"] for r in good),
+            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in good)}
+
+
+def format_row(name, setup, variant, summary, base) -> str:
+    if "error" in summary:
+        return f"{name:14} {setup:5} {variant:14} failed: {summary['error']}"
+    time_ratio = summary["step_s"] / base["step_s"] if "step_s" in base else float("nan")
+    mem_ratio = summary["peak_rss_gb"] / base["peak_rss_gb"] if "peak_rss_gb" in base else float("nan")
+    return (f"{name:14} {setup:5} {variant:14} {summary['step_s']:8.3f} {time_ratio:10.2f} "
+            f"{summary['peak_rss_gb']:8.2f} {mem_ratio:10.2f}")
+
+
+if __name__ == "__main__":
+    main()

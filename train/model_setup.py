@@ -1,0 +1,61 @@
+"""Choosing what a DP run trains: LoRA adapters (default) or all parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass
+class TrainableConfig:
+    full_finetune: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    untie_embeddings: bool = True  # full fine-tuning only: tied weights have no per-example rule
+
+
+def untie_word_embeddings(model: PreTrainedModel) -> None:
+    """Give the output head its own copy of the input embedding matrix.
+
+    The per-example gradient of a tied matrix is the sum over both uses, which the norm rules do
+    not cover; after untying each copy is clipped as its own parameter (same start, and both
+    still count towards one per-example norm).
+    """
+    head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    if head is None or head.weight is not embeddings.weight:
+        return
+    head.weight = nn.Parameter(embeddings.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
+def prepare_trainable(model: PreTrainedModel, config: TrainableConfig) -> nn.Module:
+    """Wrap with LoRA adapters, or unfreeze everything (untying embeddings if asked)."""
+    if config.full_finetune:
+        if config.untie_embeddings:
+            untie_word_embeddings(model)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["TrainableConfig", "count_trainable", "prepare_trainable", "untie_word_embeddings"]
