@@ -38,6 +38,20 @@ class PrivacyConfig:
     noise_multiplier: float | None = None  # set to skip calibration; ε is then what it gives
     seed: int | None = None  # sampling and noise; None draws a secret one (see sampling.secret_generator)
 
+    def validated_delta(self, num_units: int) -> float:
+        """Check the whole configuration against the number of privacy units; return δ."""
+        delta = self.delta if self.delta is not None else 1.0 / (10 * num_units)
+        check_privacy_params(self.target_epsilon, delta, num_units)
+        if not 0 < self.expected_batch_size <= num_units:
+            raise ValueError(f"expected_batch_size must be in [1, {num_units}], got {self.expected_batch_size}")
+        if self.steps <= 0:
+            raise ValueError(f"steps must be > 0, got {self.steps}")
+        if self.micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be > 0, got {self.micro_batch_size}")
+        if self.privacy_unit not in ("sequence", "patient"):
+            raise ValueError(f"privacy_unit must be 'sequence' or 'patient', got {self.privacy_unit!r}")
+        return delta
+
 
 @dataclass
 class StepStats:
@@ -83,12 +97,7 @@ class PrivacyEngine:
         self.config = config
         self.num_units = num_units
         self.examples_of_unit = examples_of_unit
-        self.delta = config.delta if config.delta is not None else 1.0 / (10 * num_units)
-        check_privacy_params(config.target_epsilon, self.delta, num_units)
-        if not 0 < config.expected_batch_size <= num_units:
-            raise ValueError(f"expected_batch_size must be in [1, {num_units}], got {config.expected_batch_size}")
-        if config.steps <= 0:
-            raise ValueError(f"steps must be > 0, got {config.steps}")
+        self.delta = config.validated_delta(num_units)
         self.sample_rate = config.expected_batch_size / num_units
         self.noise_multiplier = self._noise_multiplier()
         seed = _shared_seed(config.seed)

@@ -1,0 +1,175 @@
+"""DP fine-tuning of a causal LM on notes: the library behind train/dp_lora.py.
+
+Runs unchanged on one CPU process or N processes (`accelerate launch`): every rank holds the
+full trainable state, samples the same logical batch (shared seed), clips its own share, the
+clipped sums are summed across ranks, and every rank adds the same noise (shared generator),
+so noise lands once per coordinate and replicas stay identical.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+
+from dpnotes.corpus import Note, generate_default_corpus, load_corpus, split_by_patient, validate_notes
+from dpnotes.models import load_causal_lm
+from dpnotes.train.dp.engine import PrivacyEngine
+from dpnotes.train.dp.losses import causal_lm_losses
+from dpnotes.train.model_setup import count_trainable, prepare_trainable
+from dpnotes.train.run_config import TrainConfig, config_dict
+from dpnotes.train.tokenized_notes import tokenize_notes
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainableWeights:
+    """Checkpoint only what training changes (LoRA adapters, or everything under full FT)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+def load_training_notes(config: TrainConfig) -> list[Note]:
+    """The train split (by patient) of the configured corpus, validated before any work."""
+    if config.corpus == "default":
+        notes = generate_default_corpus(n_patients=config.corpus_patients, canaries=config.canaries, seed=config.split_seed)
+        source = "default corpus"
+    else:
+        notes = load_corpus(config.corpus)
+        source = config.corpus
+    validate_notes(notes, source)
+    return split_by_patient(notes, seed=config.split_seed)["train"]
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    # Launched as several CPU processes, accelerate would otherwise treat every one as rank 0.
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(backend="gloo")
+    trackers = None if config.report_to == "none" else config.report_to
+    return Accelerator(log_with=trackers, project_dir=config.output_dir)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    pointer = output_dir / CHECKPOINTS / "latest"
+    return output_dir / CHECKPOINTS / pointer.read_text().strip() if pointer.exists() else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    name = f"step_{step:06d}"
+    accelerator.save_state(str(output_dir / CHECKPOINTS / name))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # The pointer moves only once the state is fully written: a crash mid-save keeps the old one.
+        tmp = output_dir / CHECKPOINTS / "latest.tmp"
+        tmp.write_text(name)
+        tmp.replace(output_dir / CHECKPOINTS / "latest")
+
+
+def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) -> dict:
+    return {
+        "epsilon": engine.epsilon(),
+        "delta": engine.delta,
+        "noise_multiplier": engine.noise_multiplier,
+        "sample_rate": engine.sample_rate,
+        "steps": engine.steps_taken,
+        "max_grad_norm": config.privacy.max_grad_norm,
+        "privacy_unit": config.privacy.privacy_unit,
+        "privacy_units": engine.num_units,
+        "accountant": config.privacy.accountant,
+        "target_epsilon": config.privacy.target_epsilon,
+        "corpus": config.corpus,
+        "model": config.model,
+        "config_hash": config.fingerprint(),
+        "world_size": world_size,
+    }
+
+
+def train(config: TrainConfig) -> dict:
+    """Train (or resume) and return the privacy report; writes adapter/model and report to output_dir."""
+    notes = load_training_notes(config)
+    units = len({n.patient_id for n in notes}) if config.privacy.privacy_unit == "patient" else len(notes)
+    config.privacy.validated_delta(units)  # bad privacy settings fail before any model is loaded
+    accelerator = make_accelerator(config)
+    output_dir = Path(config.output_dir)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    torch.manual_seed(config.init_seed)
+    model, tokenizer = load_causal_lm(config.model, dtype=dtype)
+    model = prepare_trainable(model, config.trainable).to(accelerator.device)
+    model.train()
+    data = tokenize_notes(notes, tokenizer, config.max_length)
+    patient_unit = config.privacy.privacy_unit == "patient"
+    examples_of_unit = data.examples_of_patient() if patient_unit else None
+    engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    accelerator.register_for_checkpointing(TrainableWeights(model), optimizer, engine)
+
+    summary = {**engine.summary(), "examples": len(data), "world_size": accelerator.num_processes}
+    trainable, total = count_trainable(model)
+    summary.update(trainable_parameters=trainable, total_parameters=total, config_hash=config.fingerprint())
+    accelerator.init_trackers("dpnotes", config=config_dict(config) | {"derived": summary})
+    accelerator.print(
+        f"dpnotes DP training | rank {accelerator.process_index}/{accelerator.num_processes} | "
+        f"{len(data)} notes, {engine.num_units} {config.privacy.privacy_unit} units | q={engine.sample_rate:.4g} "
+        f"σ={engine.noise_multiplier:.4g} C={config.privacy.max_grad_norm} expected batch={summary['expected_batch_size']:.1f} "
+        f"steps={config.privacy.steps} target ε={config.privacy.target_epsilon} δ={engine.delta:.3g} | "
+        f"trainable {trainable:,}/{total:,}"
+    )
+
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {engine.steps_taken}, ε spent {engine.epsilon():.4g}")
+
+    def fetch(indices: list[int]) -> dict:
+        return data.collate(indices, accelerator.device)
+
+    while engine.budget_allows_step():
+        start = time.perf_counter()
+        stats = engine.step(model, optimizer, fetch, causal_lm_losses, accelerator.process_index, accelerator.num_processes)
+        elapsed = time.perf_counter() - start
+        step = engine.steps_taken
+        accelerator.log(
+            {
+                "epsilon": stats.epsilon,
+                "noise_multiplier": engine.noise_multiplier,
+                "step_seconds": elapsed,
+                # Computed from the sampled (private) batch; outside the DP guarantee.
+                "nonprivate/loss": stats.loss_sum / max(stats.examples, 1),
+                "nonprivate/clipped_fraction": stats.clipped_units / max(stats.units, 1),
+                "nonprivate/tokens_per_second": stats.tokens / elapsed,
+            },
+            step=step,
+        )
+        if step % config.save_every == 0 or not engine.budget_allows_step():
+            save_checkpoint(accelerator, output_dir, step)
+        accelerator.print(
+            f"step {step}/{config.privacy.steps} ε={stats.epsilon:.4g} ({elapsed:.2f}s) "
+            f"[not private: loss {stats.loss_sum / max(stats.examples, 1):.3f}]"
+        )
+
+    report = privacy_report(engine, config, accelerator.num_processes)
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir / ("model" if config.trainable.full_finetune else "adapter"))
+        tokenizer.save_pretrained(output_dir / ("model" if config.trainable.full_finetune else "adapter"))
+        (output_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, default=str))
+        (output_dir / "config.json").write_text(json.dumps(config_dict(config), indent=2))
+    accelerator.end_training()
+    if not math.isinf(report["epsilon"]):
+        accelerator.print(f"done: ε = {report['epsilon']:.4g} at δ = {report['delta']:.3g} after {report['steps']} steps")
+    return report
