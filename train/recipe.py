@@ -20,6 +20,7 @@ from dpnotes.corpus import Note, generate_default_corpus, load_corpus, split_by_
 from dpnotes.models import load_causal_lm
 from dpnotes.train.dp.engine import PrivacyEngine
 from dpnotes.train.dp.losses import causal_lm_losses
+from dpnotes.train.dp.zero import DeepSpeedDPStep, is_deepspeed, prepare_deepspeed, save_trained
 from dpnotes.train.model_setup import count_trainable, prepare_trainable
 from dpnotes.train.run_config import TrainConfig, config_dict
 from dpnotes.train.tokenized_notes import tokenize_notes
@@ -57,10 +58,21 @@ def load_training_notes(config: TrainConfig) -> list[Note]:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     # Launched as several CPU processes, accelerate would otherwise treat every one as rank 0.
+    # cpu=True gives the MULTI_CPU type (real barriers); DeepSpeed sets its own type (DEEPSPEED).
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        PartialState(backend="gloo")
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        PartialState(backend="gloo") if deepspeed else PartialState(cpu=True, backend="gloo")
     trackers = None if config.report_to == "none" else config.report_to
     return Accelerator(log_with=trackers, project_dir=config.output_dir)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -114,10 +126,18 @@ def train(config: TrainConfig) -> dict:
     patient_unit = config.privacy.privacy_unit == "patient"
     examples_of_unit = data.examples_of_patient() if patient_unit else None
     engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+    optimizer = make_optimizer(model, config)
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:  # ZeRO-1/2/3: DeepSpeed checkpoints weights and optimizer; noise per fp32 partition
+        ds_model, optimizer = prepare_deepspeed(accelerator, model, optimizer, config.privacy.micro_batch_size)
+        ds_step = DeepSpeedDPStep(engine, ds_model, model, optimizer)
+        accelerator.register_for_checkpointing(engine)
+    else:
+        accelerator.register_for_checkpointing(TrainableWeights(model), optimizer, engine)
+    print(
+        f"dpnotes rank {accelerator.process_index}/{accelerator.num_processes} "
+        f"({accelerator.distributed_type}, device {accelerator.device})", flush=True
     )
-    accelerator.register_for_checkpointing(TrainableWeights(model), optimizer, engine)
 
     summary = {**engine.summary(), "examples": len(data), "world_size": accelerator.num_processes}
     trainable, total = count_trainable(model)
@@ -141,7 +161,10 @@ def train(config: TrainConfig) -> dict:
 
     while engine.budget_allows_step():
         start = time.perf_counter()
-        stats = engine.step(model, optimizer, fetch, causal_lm_losses, accelerator.process_index, accelerator.num_processes)
+        if deepspeed:
+            stats = ds_step.step(fetch, causal_lm_losses, accelerator.process_index, accelerator.num_processes)
+        else:
+            stats = engine.step(model, optimizer, fetch, causal_lm_losses, accelerator.process_index, accelerator.num_processes)
         elapsed = time.perf_counter() - start
         step = engine.steps_taken
         accelerator.log(
@@ -164,9 +187,18 @@ def train(config: TrainConfig) -> dict:
         )
 
     report = privacy_report(engine, config, accelerator.num_processes)
+    trained = output_dir / ("model" if config.trainable.full_finetune else "adapter")
+    if deepspeed:  # collective (ZeRO-3 gathers the weights)
+        save_trained(accelerator, ds_model, model, trained, tokenizer, config.trainable.full_finetune)
+        if config.save_full_model and not config.trainable.full_finetune:
+            save_trained(accelerator, ds_model, model, output_dir / "full_model", tokenizer, full_model=True)
+    else:
+        if accelerator.is_main_process:
+            model.save_pretrained(trained)
+            tokenizer.save_pretrained(trained)
+        if config.save_full_model and not config.trainable.full_finetune:
+            accelerator.save_model(model, output_dir / "full_model")  # writes on the main process
     if accelerator.is_main_process:
-        model.save_pretrained(output_dir / ("model" if config.trainable.full_finetune else "adapter"))
-        tokenizer.save_pretrained(output_dir / ("model" if config.trainable.full_finetune else "adapter"))
         (output_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, default=str))
         (output_dir / "config.json").write_text(json.dumps(config_dict(config), indent=2))
     accelerator.end_training()

@@ -30,13 +30,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     dtype: str = "float32"  # or bfloat16; norms and noise are computed in fp32 either way
     save_every: int = 25
+    optimizer: str = "adamw"  # or "sgd" (plain SGD: the update reads the DP gradient directly; tests)
+    save_full_model: bool = False  # also write every weight (gathered under ZeRO-3) to output_dir/full_model
     report_to: str = "wandb"  # or "none"; W&B runs offline unless WANDB_MODE says otherwise
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the result (not where it is written)."""
-        content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "report_to", "save_every")}
+        content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "report_to", "save_every", "save_full_model")}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

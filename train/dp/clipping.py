@@ -185,16 +185,42 @@ class PerExampleClipper:
         finally:
             self._release()
 
+    def coefficients(self, losses: torch.Tensor, group_index: torch.Tensor | None = None) -> ClipResult:
+        """Norm pass only, for the forward recorded last: per-unit norms and clip coefficients from
+        `torch.autograd.grad` w.r.t. the recorded layer outputs. No parameter `.grad` is touched:
+        an engine that owns the backward (DeepSpeed) then back-propagates Σ c_i L_i itself."""
+        try:
+            if losses.shape[0] == 0:
+                empty = losses.new_zeros(0, dtype=torch.float32)
+                return ClipResult(empty, empty)
+            _, norms, unit_coef, _ = self._norms(losses, group_index, retain_graph=False)
+            return ClipResult(norms.detach(), unit_coef.detach())
+        finally:
+            self._release()
+
     def _backward(self, losses: torch.Tensor, group_index: torch.Tensor | None) -> ClipResult:
-        batch = losses.shape[0]
-        n_units = batch if group_index is None else int(group_index.max()) + 1 if batch else 0
-        if batch == 0:
+        if losses.shape[0] == 0:
             empty = losses.new_zeros(0, dtype=torch.float32)
             return ClipResult(empty, empty)
+        per_layer, norms, unit_coef, example_coef = self._norms(losses, group_index, self.mode == "ghost")
+        if self.mode == "ghost":
+            (losses * example_coef.to(losses.dtype)).sum().backward()
+        else:
+            for layer, saved, grad_output in per_layer:
+                grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
+                for name, grad in grads.items():
+                    param = layer.params[name]
+                    grad = grad.to(param.dtype)
+                    param.grad = grad if param.grad is None else param.grad.add_(grad)
+        return ClipResult(norms.detach(), unit_coef.detach())
+
+    def _norms(self, losses: torch.Tensor, group_index: torch.Tensor | None, retain_graph: bool):
+        batch = losses.shape[0]
+        n_units = batch if group_index is None else int(group_index.max()) + 1
         recorded = [layer for layer in self.layers if layer.outputs]
         outputs = [out for layer in recorded for out in layer.outputs]
         backprops = torch.autograd.grad(
-            losses.sum(), outputs, retain_graph=self.mode == "ghost", allow_unused=True, materialize_grads=True
+            losses.sum(), outputs, retain_graph=retain_graph, allow_unused=True, materialize_grads=True
         )
         per_layer, start = [], 0
         for layer in recorded:
@@ -213,14 +239,4 @@ class PerExampleClipper:
         norms = sq_norms.sqrt()
         unit_coef = (self.max_grad_norm / (norms + NORM_FLOOR)).clamp(max=1.0)
         example_coef = unit_coef if group_index is None else unit_coef[group_index]
-
-        if self.mode == "ghost":
-            (losses * example_coef.to(losses.dtype)).sum().backward()
-        else:
-            for layer, saved, grad_output in per_layer:
-                grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
-                for name, grad in grads.items():
-                    param = layer.params[name]
-                    grad = grad.to(param.dtype)
-                    param.grad = grad if param.grad is None else param.grad.add_(grad)
-        return ClipResult(norms.detach(), unit_coef.detach())
+        return per_layer, norms, unit_coef, example_coef
