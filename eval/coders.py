@@ -228,7 +228,7 @@ class EncoderCoder(Coder):
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                total += float(loss) * len(rows)
+                total += loss.item() * len(rows)
             record = {"epoch": epoch + 1, "train_loss": total / len(train)}
             if dev and y_dev.sum():
                 record["dev_micro_f1"] = _dev_micro_f1(y_dev, self.predict_proba(dev))

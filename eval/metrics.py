@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 DEFAULT_KS = (1, 3, 5)
 
@@ -78,21 +77,33 @@ def tune_threshold(y_dev: np.ndarray, scores_dev: np.ndarray) -> float:
 
 
 def f1_scores(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """micro/macro/weighted F1 plus micro precision/recall of 0/1 predictions."""
+    """micro/macro/weighted F1 plus micro precision/recall of 0/1 predictions (numpy; equals
+    scikit-learn's with zero_division=0 and labels = the labels with gold support)."""
     y, predicted = _check(y, predicted)
-    predicted = predicted.astype(int)
-    present = np.flatnonzero(y.sum(axis=0) > 0)
+    gold, pred = y.astype(bool), predicted.astype(bool)
+    tp = (gold & pred).sum(0).astype(float)
+    fp = (~gold & pred).sum(0).astype(float)
+    fn = (gold & ~pred).sum(0).astype(float)
+    support = tp + fn
+    TP, FP, FN = tp.sum(), fp.sum(), fn.sum()
     out = {
-        "micro_f1": float(f1_score(y, predicted, average="micro", zero_division=0)),
-        "micro_precision": float(precision_score(y, predicted, average="micro", zero_division=0)),
-        "micro_recall": float(recall_score(y, predicted, average="micro", zero_division=0)),
+        "micro_f1": _ratio(2 * TP, 2 * TP + FP + FN),
+        "micro_precision": _ratio(TP, TP + FP),
+        "micro_recall": _ratio(TP, TP + FN),
         "macro_f1": float("nan"),
         "weighted_f1": float("nan"),
     }
-    if len(present):
-        out["macro_f1"] = float(f1_score(y, predicted, average="macro", labels=present, zero_division=0))
-        out["weighted_f1"] = float(f1_score(y, predicted, average="weighted", labels=present, zero_division=0))
+    present = support > 0
+    if present.any():
+        denominator = 2 * tp + fp + fn
+        per_label = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+        out["macro_f1"] = float(per_label[present].mean())
+        out["weighted_f1"] = float((per_label * support).sum() / support.sum())
     return out
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else 0.0
 
 
 def precision_at_k(y: np.ndarray, scores: np.ndarray, k: int) -> float:
@@ -106,14 +117,28 @@ def precision_at_k(y: np.ndarray, scores: np.ndarray, k: int) -> float:
     return float(np.mean(hits / k))
 
 
+def _auc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-column ROC AUC by the Mann-Whitney rank formula (ties get average ranks)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=0)
+    positives = y.sum(0).astype(float)
+    negatives = y.shape[0] - positives
+    rank_sum = (ranks * y).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
 def auc_scores(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """micro-AUC and macro-AUC (labels lacking a positive or a negative note are skipped)."""
     y, scores = _check(y, scores)
-    flat = y.ravel()
-    micro = float(roc_auc_score(flat, scores.ravel())) if 0 < flat.sum() < flat.size else float("nan")
-    usable = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < y.shape[0]]
-    macro = float(np.mean([roc_auc_score(y[:, j], scores[:, j]) for j in usable])) if usable else float("nan")
-    return {"micro_auc": micro, "macro_auc": macro, "auc_labels_used": len(usable), "auc_labels_skipped": y.shape[1] - len(usable)}
+    flat = y.reshape(-1, 1)
+    micro = float(_auc_columns(flat, scores.reshape(-1, 1))[0]) if 0 < flat.sum() < flat.size else float("nan")
+    positives = y.sum(0)
+    usable = (positives > 0) & (positives < y.shape[0])
+    macro = float(_auc_columns(y[:, usable], scores[:, usable]).mean()) if usable.any() else float("nan")
+    return {"micro_auc": micro, "macro_auc": macro, "auc_labels_used": int(usable.sum()),
+            "auc_labels_skipped": int((~usable).sum())}
 
 
 def point_metrics(y: np.ndarray, scores: np.ndarray, threshold: float, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
@@ -139,7 +164,7 @@ def per_label_table(y: np.ndarray, scores: np.ndarray, threshold: float, labels:
         precision = tp / pred.sum() if pred.sum() else 0.0
         recall = tp / gold.sum() if gold.sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        auc = float(roc_auc_score(gold, scores[:, j])) if 0 < gold.sum() < len(gold) else None
+        auc = float(_auc_columns(y[:, [j]], scores[:, [j]])[0]) if 0 < gold.sum() < len(gold) else None
         rows.append({"label": label, "support": int(gold.sum()), "predicted": int(pred.sum()),
                      "precision": float(precision), "recall": float(recall), "f1": float(f1), "auc": auc})
     return rows
