@@ -4,6 +4,8 @@
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train/dp_lora.py \
         --config train/configs/demo_smollm2.yaml privacy.target_epsilon=4 output_dir=runs/eps4
 
+    python train/dp_lora.py --dry-run --config train/configs/demo_smollm2.yaml   # per-GPU memory plan
+
 Overrides are `key.sub=value`. Re-running with the same output_dir resumes from its last checkpoint.
 """
 import argparse
@@ -16,8 +18,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run configuration")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan (ZeRO stages × 1/8/16 GPUs) and exit")
+    parser.add_argument("--gpus", type=int, default=8, help="--dry-run: GPUs of the breakdown line")
+    parser.add_argument("--zero", type=int, default=3, help="--dry-run: ZeRO stage of the breakdown line")
     args = parser.parse_args()
-    train(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from dpnotes.train.memory_plan import dry_run
+
+        print(dry_run(config, gpus=args.gpus, zero=args.zero))
+        return
+    train(config)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ class DeepSpeedDPStep:
     def step(self, fetch: Callable[[list[int]], dict], loss_fn: LossFn, rank: int, world_size: int) -> StepStats:
         engine, ds = self.engine, self.ds_engine
         local = list(engine.micro_batches(rank, world_size))
-        device = next(iter(fetch([0]).values())).device
+        device = next(self.module.parameters()).device
         # At least one (zero-weight) pass even for an empty logical batch: the noise step still runs.
         count = max(_all_reduce_max(len(local), device), 1)
         scale = world_size / self.expected_batch

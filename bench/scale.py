@@ -1,0 +1,148 @@
+"""Step time of DP vs non-private training under DeepSpeed ZeRO-2/3, measured side by side in one
+launch (same processes, same engine, same micro-batches, alternating steps), printed as ratios.
+
+    python bench/scale.py                       # launches ZeRO-2 and ZeRO-3 on 2 CPU processes, prints the table
+    accelerate launch --config_file accelerate_configs/zero3.yaml bench/scale.py --worker --model PATH
+
+A DP step = Poisson-sampled logical batch, per micro-batch a norm pass (unwrapped forward +
+autograd.grad to the layer outputs) and one engine forward/backward of Σ c_i L_i, padded to the
+ranks' max micro-batch count, then the noisy engine.step(). A non-private step = the same
+micro-batches, one engine forward/backward of the mean loss each, engine.step() without noise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONFIGS = {"zero2": "accelerate_configs/zero2_cpu_2proc.yaml", "zero3": "accelerate_configs/zero3_cpu_2proc.yaml"}
+
+
+def worker(args) -> None:
+    import torch
+
+    from dpnotes.models import load_causal_lm
+    from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
+    from dpnotes.train.dp.losses import causal_lm_losses
+    from dpnotes.train.dp.zero import DeepSpeedDPStep, is_deepspeed, prepare_deepspeed, zero_stage
+    from dpnotes.train.model_setup import TrainableConfig, prepare_trainable
+    from dpnotes.train.recipe import make_accelerator
+    from dpnotes.train.run_config import TrainConfig
+
+    config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none")
+    accelerator = make_accelerator(config)
+    assert is_deepspeed(accelerator), "launch with a DeepSpeed accelerate config"
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(0)
+    model, _ = load_causal_lm(args.model)
+    model = prepare_trainable(model, TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"])).to(accelerator.device)
+    model.train()
+    units = 512
+    privacy = PrivacyConfig(
+        target_epsilon=float("inf"), noise_multiplier=1.0, expected_batch_size=args.batch, steps=10**6,
+        micro_batch_size=args.micro_batch, clipping="ghost", seed=0,
+    )
+    engine = PrivacyEngine(model, privacy, units)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ds_model, noisy = prepare_deepspeed(accelerator, model, optimizer, args.micro_batch)
+    dp = DeepSpeedDPStep(engine, ds_model, model, noisy)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, vocab, (units, args.seq), generator=gen)
+
+    def fetch(indices):
+        ids = data[indices].to(accelerator.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def nonprivate_step():
+        local = list(engine.micro_batches(rank, world))
+        box = torch.tensor([len(local)])
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        count = max(int(box), 1)
+        for k in range(count):
+            indices = local[k][0] if k < len(local) else [0]
+            ds_model.set_gradient_accumulation_boundary(k == count - 1)
+            losses = causal_lm_losses(ds_model, fetch(indices))
+            ds_model.backward(losses.mean() * (0.0 if k >= len(local) else 1.0), scale_wrt_gas=False)
+        noisy.arm(0.0, torch.Generator())
+        ds_model.step()
+        noisy.disarm()
+
+    def dp_step():
+        dp.step(fetch, causal_lm_losses, rank, world)
+
+    times = {"nonprivate": [], "dp": []}
+    for step in range(args.warmup + args.steps):
+        order = [("nonprivate", nonprivate_step), ("dp", dp_step)]
+        if step % 2:
+            order.reverse()
+        for name, fn in order:
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            fn()
+            torch.distributed.barrier()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    if rank == 0:
+        non, dpt = statistics.median(times["nonprivate"]), statistics.median(times["dp"])
+        print(f"RESULT zero{zero_stage(accelerator)} nonprivate {non:.4f} s/step dp {dpt:.4f} s/step ratio {dpt / non:.2f}", flush=True)
+
+
+def tiny_model(folder: Path, hidden: int, layers: int) -> str:
+    from transformers import AutoTokenizer
+
+    from dpnotes.models import resolve_model
+    from dpnotes.testing.tiny_models import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    tiny_llama(vocab=len(tokenizer), hidden=hidden, layers=layers, heads=4, kv_heads=2,
+               intermediate=2 * hidden, max_positions=512).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help="run inside `accelerate launch`")
+    parser.add_argument("--model", default=None, help="model folder/name (default: a tiny LLaMA built here)")
+    parser.add_argument("--stages", default="zero2,zero3")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16, help="expected logical batch (all ranks)")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or tiny_model(Path(tmp) / "tiny", args.hidden, args.layers)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+        print(f"model {model} | seq {args.seq} | expected batch {args.batch} | micro-batch {args.micro_batch} | 2 CPU processes")
+        for stage in args.stages.split(","):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cmd = [
+                str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", CPU_CONFIGS[stage],
+                "--main_process_port", str(port), "bench/scale.py", "--worker", "--model", model,
+                "--seq", str(args.seq), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
+                "--steps", str(args.steps), "--warmup", str(args.warmup),
+            ]
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("RESULT")]
+            print(lines[0][7:] if lines else f"{stage} failed:\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

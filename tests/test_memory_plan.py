@@ -1,0 +1,60 @@
+"""The memory planner against known numbers (parameter counts of published models, LoRA sizes,
+ZeRO partitioning arithmetic) and the shape of its recommendations."""
+from dataclasses import replace
+
+import pytest
+
+from dpnotes.train.memory_plan import GiB, PRESETS, RunShape, estimate, plan, trainable_params
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("llama-7b", 6_738_415_616), ("llama-13b", 13_015_864_320), ("llama-70b", 68_976_648_192),
+     ("smollm2-135m", 134_515_008), ("llama3-8b", 8_030_261_248)],
+)
+def test_parameter_counts_match_published_models(name, params):
+    assert PRESETS[name].params == params
+
+
+def test_lora_trainable_counts_match_peft():
+    # PEFT prints 4,194,304 trainable for LLaMA-7B, r=8 on q_proj,v_proj
+    run = RunShape(lora_rank=8, lora_targets=("q_proj", "v_proj"))
+    assert trainable_params(PRESETS["llama-7b"], run) == 4_194_304
+    # GQA: k/v project to 8 heads × 128 = 1024 in LLaMA-70B
+    run70 = RunShape(lora_rank=16, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert trainable_params(PRESETS["llama-70b"], run70) == 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024))
+
+
+def test_zero_partitioning_arithmetic_full_finetune_7b():
+    model, p = PRESETS["llama-7b"], PRESETS["llama-7b"].params
+    base = RunShape(lora_rank=None, gpus=8)
+    ddp, z1, z2, z3 = (estimate(model, replace(base, zero=s)) for s in (0, 1, 2, 3))
+    assert ddp["weights"] == 2 * p and ddp["grads"] == 2 * p and ddp["optimizer"] == 12 * p  # 16 bytes/param
+    assert z1["optimizer"] == 12 * p / 8 and z1["grads"] == 2 * p
+    assert z2["grads"] == 2 * p / 8 and z2["weights"] == 2 * p
+    assert z3["weights"] == 2 * p / 8
+    assert ddp["total"] > z1["total"] > z2["total"] > z3["total"]
+    off = estimate(model, replace(base, zero=3, offload=True))
+    assert off["weights"] == 0 and off["optimizer"] == 0
+
+
+def test_norm_pass_terms():
+    model = PRESETS["llama-7b"]
+    lora = RunShape(seq=2048, micro_batch=1, lora_rank=16, zero=3)
+    est = estimate(model, lora)
+    # backprops of lora_A (r wide) and lora_B (d_out wide) for q,k,v,o in 32 layers, bf16
+    backprops = 32 * 2048 * 2 * 4 * (16 + 4096)
+    transient = 4096 * 16 * 4  # per-example gradient of a LoRA factor beats 2·T² Gram matrices
+    assert est["dp_norm_pass"] == backprops + transient
+    full = estimate(model, replace(lora, lora_rank=None))
+    assert full["dp_norm_pass"] >= 2 * 2048 * 2048 * 4  # ghost Gram matrices for 4096×11008 layers
+
+
+def test_recommendations():
+    seven_lora = plan(PRESETS["llama-7b"], RunShape(lora_rank=16))
+    assert [row["choice"] for row in seven_lora] == ["DDP", "DDP", "DDP"]
+    seventy_full = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], RunShape(lora_rank=None, seq=1024))}
+    assert seventy_full["1x80GB"] is None
+    seventy_lora = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], RunShape(lora_rank=16, seq=1024))}
+    assert seventy_lora["8x80GB"] == "ZeRO-3"
+    assert estimate(PRESETS["llama-70b"], RunShape(lora_rank=16, seq=1024, zero=3))["total"] < 72 * GiB
