@@ -385,7 +385,7 @@ def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float = 0.0, conf
         low, high = high, 2 * high
         if high > 1e4:
             return math.inf
-    for _ in range(60):
+    for _ in range(40):
         middle = (low + high) / 2
         if one_run_p_value(m, r, v, middle, delta) < level:
             low = middle
