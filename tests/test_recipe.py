@@ -62,3 +62,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir,
 def test_bad_privacy_target_fails_before_training(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="epsilon must be > 0"):
         run(tmp_path, tiny_model_dir, "bad", "privacy.target_epsilon=0")
+
+
+def test_output_dir_of_another_config_is_refused(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, "taken")
+    with pytest.raises(ValueError, match="another configuration"):
+        run(tmp_path, tiny_model_dir, "taken", "learning_rate=0.5")

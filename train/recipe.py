@@ -91,6 +91,22 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> No
         tmp.replace(output_dir / CHECKPOINTS / "latest")
 
 
+def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None:
+    """Bind output_dir to this config: resuming someone else's checkpoints would mix two runs."""
+    stamp = output_dir / "config.json"
+    if stamp.exists():
+        recorded = json.loads(stamp.read_text()).get("config_hash")
+        if recorded != config.fingerprint():
+            raise ValueError(
+                f"{output_dir} holds a run with another configuration (hash {recorded}, this one "
+                f"{config.fingerprint()}): choose another output_dir or delete it"
+            )
+        return
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"config_hash": config.fingerprint(), **config_dict(config)}, indent=2))
+
+
 def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) -> dict:
     return {
         "epsilon": engine.epsilon(),
@@ -117,6 +133,7 @@ def train(config: TrainConfig) -> dict:
     config.privacy.validated_delta(units)  # bad privacy settings fail before any model is loaded
     accelerator = make_accelerator(config)
     output_dir = Path(config.output_dir)
+    claim_output_dir(output_dir, config, write=accelerator.is_main_process)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
     torch.manual_seed(config.init_seed)
     model, tokenizer = load_causal_lm(config.model, dtype=dtype)
@@ -200,7 +217,6 @@ def train(config: TrainConfig) -> dict:
             accelerator.save_model(model, output_dir / "full_model")  # writes on the main process
     if accelerator.is_main_process:
         (output_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, default=str))
-        (output_dir / "config.json").write_text(json.dumps(config_dict(config), indent=2))
     accelerator.end_training()
     if not math.isinf(report["epsilon"]):
         accelerator.print(f"done: ε = {report['epsilon']:.4g} at δ = {report['delta']:.3g} after {report['steps']} steps")
