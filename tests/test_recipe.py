@@ -6,25 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpnotes.models import resolve_model
-from dpnotes.testing.tiny_models import tiny_llama
 from dpnotes.train.dp.engine import PrivacyEngine
 from dpnotes.train.recipe import train
 from dpnotes.train.run_config import load_config
 
 CONFIG = "train/configs/tiny_test.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random tiny LLaMA with SmolLM2's tokenizer, saved as an HF folder."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    tiny_llama(vocab=len(tokenizer), hidden=32, layers=2, max_positions=128).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run(tmp_path, model_dir, name, *overrides):

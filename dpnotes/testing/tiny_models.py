@@ -187,3 +187,15 @@ def random_batch(
     input_ids = input_ids.masked_fill(attention_mask == 0, PAD_ID)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tiny_llama_folder(folder, tokenizer_source: str = "smollm2-135m", **config) -> None:
+    """Save a random tiny LLaMA with a real tokenizer (SmolLM2's) as an HF folder, so recipes that
+    load models by path run on it unchanged."""
+    from transformers import AutoTokenizer
+
+    from dpnotes.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source))
+    tiny_llama(vocab=len(tokenizer), **{"hidden": 32, "layers": 2, "max_positions": 128, **config}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,161 @@
+"""Generate synthetic notes conditioned on code sets, as JSONL in the corpus schema + a manifest.
+
+    python -m dpnotes.generate.synthesize --model runs/demo/eps8/merged --run runs/demo/eps8 \
+        --count 200 --out runs/demo/eps8/synthetic --conditioning dp-histogram --conditioning-epsilon 1
+
+Resumable: notes already in OUT/notes.jsonl are kept and only missing indices are generated; the
+released code-set distribution is saved once (OUT/conditioning.json) so resuming never spends its
+budget again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dpnotes.corpus import Note, validate_notes
+from dpnotes.generate.backends import SamplingConfig, make_backend
+from dpnotes.generate.conditioning import CodeSetDistribution, dp_code_set_histogram, prior_distribution
+from dpnotes.prompting import note_prompt
+
+NOTES = "notes.jsonl"
+CONDITIONING = "conditioning.json"
+MANIFEST = "manifest.json"
+
+
+def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None, epsilon: float, delta: float | None,
+                     prior: Path | None, seed: int | None) -> CodeSetDistribution:
+    saved = out_dir / CONDITIONING
+    if saved.exists():
+        return CodeSetDistribution.load(saved)
+    if source == "prior":
+        if prior is None:
+            raise ValueError("--conditioning prior needs --prior FILE")
+        distribution = prior_distribution(prior)
+    elif source == "dp-histogram":
+        if not train_notes:
+            raise ValueError("--conditioning dp-histogram needs the training notes (--train-corpus)")
+        patients = len({n.patient_id for n in train_notes})
+        distribution = dp_code_set_histogram(train_notes, epsilon, delta or 1 / (10 * patients), seed=seed)
+    else:
+        raise ValueError(f"unknown conditioning {source!r}: dp-histogram or prior")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    distribution.save(saved)
+    return distribution
+
+
+def read_done(path: Path) -> dict[int, dict]:
+    """Notes already written, by index; a torn last line (crash mid-write) is dropped."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["metadata"]["index"]] = record
+    return done
+
+
+def synthesize(
+    model_dir: Path,
+    out_dir: Path,
+    count: int,
+    distribution: CodeSetDistribution,
+    backend: str = "transformers",
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    backend_options: dict | None = None,
+) -> dict:
+    sampling = sampling or SamplingConfig()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    code_sets = distribution.sample(count, seed)
+    notes_path = out_dir / NOTES
+    done = read_done(notes_path)
+    notes_path.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))  # rewrite without a torn line
+    step = sampling.batch_size
+    todo = [start for start in range(0, count, step) if any(i not in done for i in range(start, min(start + step, count)))]
+    engine = make_backend(backend, str(model_dir), **(backend_options or {})) if todo else None
+    start_time, new_tokens, written = time.perf_counter(), 0, 0
+    with notes_path.open("a") as sink, tqdm(total=count, initial=len(done), desc="synthetic notes", unit="note") as bar:
+        for start in todo:
+            indices = list(range(start, min(start + step, count)))
+            outputs = engine.generate([note_prompt(code_sets[i]) for i in indices], start, seed, sampling)
+            for index, output in zip(indices, outputs):
+                if index in done:
+                    continue
+                note = Note(f"syn-{index:06d}", f"syn-{index:06d}", output.text, code_sets[index],
+                            {"index": index, "seed": seed, "backend": backend, "new_tokens": output.new_tokens})
+                sink.write(json.dumps(asdict(note)) + "\n")
+                sink.flush()
+                new_tokens += output.new_tokens
+                written += 1
+                bar.update(1)
+    elapsed = time.perf_counter() - start_time
+    training = json.loads((model_dir / "privacy_report.json").read_text()) if (model_dir / "privacy_report.json").exists() else {}
+    train_eps = training.get("epsilon", math.inf)
+    manifest = {
+        "model": str(model_dir),
+        "backend": backend,
+        "count": count,
+        "written_this_run": written,
+        "seed": seed,
+        "sampling": asdict(sampling),
+        "seconds": elapsed,
+        "new_tokens": new_tokens,
+        "tokens_per_second": new_tokens / elapsed if elapsed > 0 and new_tokens else None,
+        "conditioning": {"source": distribution.source, "epsilon": distribution.epsilon, "delta": distribution.delta,
+                         "noise_std": distribution.noise_std, "threshold": distribution.threshold,
+                         "released_code_sets": len(distribution.weights)},
+        "training": {k: training.get(k) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "config_hash")},
+        "total_epsilon": train_eps + distribution.epsilon,
+        "total_delta": (training.get("delta") or 0.0) + distribution.delta,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def load_synthetic(out_dir: Path) -> list[Note]:
+    records = [json.loads(line) for line in (out_dir / NOTES).read_text().splitlines() if line.strip()]
+    notes = [Note(**record) for record in records]
+    validate_notes(notes, str(out_dir / NOTES))
+    return notes
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dpnotes.train.recipe import load_training_notes
+    from dpnotes.train.run_config import config_of_run
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="merged model folder (generate.merge)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "vllm-server"])
+    parser.add_argument("--conditioning", default="dp-histogram", choices=["dp-histogram", "prior"])
+    parser.add_argument("--conditioning-epsilon", type=float, default=1.0)
+    parser.add_argument("--conditioning-delta", type=float)
+    parser.add_argument("--prior", type=Path)
+    parser.add_argument("--run", type=Path, help="training output_dir: its training notes feed the DP histogram")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    train_notes = None
+    if args.conditioning == "dp-histogram":
+        if args.run is None:
+            parser.error("--conditioning dp-histogram needs --run (the training output_dir)")
+        train_notes = load_training_notes(config_of_run(args.run))
+    distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
+                                    args.conditioning_delta, args.prior, None)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, batch_size=args.batch_size)
+    print(json.dumps(synthesize(args.model, args.out, args.count, distribution, args.backend, sampling, args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()
