@@ -7,7 +7,7 @@ under DeepSpeed ZeRO-1/2/3, with the DP guarantee intact. On a tiny LLaMA + LoRA
 (c) with σ = 100 and SGD(lr=1), the LoRA B factors start at 0, so after 2 steps they hold
     -(Σ clipped + noise)/B_exp twice: their empirical std must be √2·σC/B_exp (not √ranks times it);
 (d) killed after step 1 (hard exit, no cleanup) then relaunched == uninterrupted, bit for bit,
-    under the DDP-style path and ZeRO-2 (noise on).
+    under the DDP-style path, ZeRO-2 and ZeRO-3 (noise on).
 
 Each launch costs ~10-20 s on 2 cores; the first DeepSpeed one JIT-compiles a comm op (cached in
 TORCH_EXTENSIONS_DIR, default .cache/torch_extensions).
@@ -155,7 +155,7 @@ def test_noise_std_on_the_update_is_sigma_c_over_expected_batch(backend, runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
 def test_killed_then_resumed_equals_uninterrupted(backend, runs, tiny_model_dir, tmp_path):
     full = runs("noisy", backend)
     split = tmp_path / "split"

@@ -9,10 +9,13 @@ One logical step, on every rank:
    and truncating a sampled batch would break the privacy analysis.
 2. Per micro-batch, a norm pass: a forward through the *unwrapped* module recorded by the
    clipper, then `torch.autograd.grad` w.r.t. the recorded layer outputs only (no parameter
-   `.grad`, no DeepSpeed hook, no engine backward) gives the per-unit clip coefficients c_i.
-   The norm rules read activations and backprops only, so they are ZeRO-3-safe.
-3. One forward + ONE `engine.backward` of  (W / B_exp) · Σ_i c_i L_i  (never a second backward
-   through the engine). DeepSpeed averages over the W ranks (and we pass scale_wrt_gas=False),
+   `.grad`, no engine backward) gives the per-unit clip coefficients c_i; the RNG is rewound so
+   the engine forward of step 3 draws the same dropout masks. The engine forward's graph cannot
+   be reused for the norm pass: DeepSpeed 0.19 hooks it, and any backward through it runs the
+   reduction epilogue (measured: ZeRO-2 IndexError in reduce_ipg_grads). The norm rules read
+   activations and backprops only, so they are ZeRO-3-safe.
+3. ONE `engine.backward` of  (W / B_exp) · Σ_i c_i L_i  (never a second backward through the
+   engine). DeepSpeed averages over the W ranks (and we pass scale_wrt_gas=False),
    so the reduced gradient is Σ_i c_i g_i / B_exp with B_exp = q·N, the global expected batch.
 4. `engine.step()`: the base optimizer DeepSpeed drives is a `ZeroNoiseOptimizer`, which adds
    N(0, (σC/B_exp)²) to the gradient of every parameter it is asked to step, from a stream
@@ -206,15 +209,19 @@ class DeepSpeedDPStep:
             real = k < len(local)
             indices, group_index = local[k] if real else ([0], None)
             batch = fetch(indices)
+            ds.set_gradient_accumulation_boundary(k == count - 1)
+            # The norm pass is its own forward through the unwrapped module: DeepSpeed 0.19 hooks
+            # the engine forward's graph, and any backward through it (even autograd.grad to the
+            # layer outputs) runs its reduction epilogue (ZeRO-2: IndexError in reduce_ipg_grads).
+            # The RNG is rewound so that both forwards draw the same dropout masks.
             with _same_randomness():
                 with engine.clipper.recording(len(indices)):
                     norm_losses = loss_fn(self.module, batch)
                 result = engine.clipper.coefficients(norm_losses, group_index)
+            losses = loss_fn(ds, batch)
             coef = result.coefficients if group_index is None else result.coefficients[group_index.to(result.coefficients.device)]
             if not real:
                 coef = torch.zeros_like(coef)
-            ds.set_gradient_accumulation_boundary(k == count - 1)
-            losses = loss_fn(ds, batch)
             weighted = (losses * coef.to(device=losses.device, dtype=losses.dtype)).sum() * scale
             ds.backward(weighted, scale_wrt_gas=False)
             if real:
