@@ -52,7 +52,7 @@ def test_norm_pass_terms():
 
 def test_recommendations():
     seven_lora = plan(PRESETS["llama-7b"], RunShape(lora_rank=16))
-    assert [row["choice"] for row in seven_lora] == ["DDP", "DDP", "DDP"]
+    assert [row["choice"] for row in seven_lora] == ["DDP-style", "DDP-style", "DDP-style"]
     seventy_full = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], RunShape(lora_rank=None, seq=1024))}
     assert seventy_full["1x80GB"] is None
     seventy_lora = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], RunShape(lora_rank=16, seq=1024))}

@@ -139,7 +139,7 @@ STAGES = [(0, False), (1, False), (2, False), (3, False), (3, True)]
 
 
 def stage_name(stage: int, offload: bool) -> str:
-    return "DDP" if stage == 0 else f"ZeRO-{stage}" + ("+offload" if offload else "")
+    return "DDP-style" if stage == 0 else f"ZeRO-{stage}" + ("+offload" if offload else "")
 
 
 def plan(model: ModelShape, run: RunShape, gpu_bytes: float = 80e9, usable: float = 0.9) -> list[dict]:
