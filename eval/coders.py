@@ -281,13 +281,12 @@ def evaluate_coder(
     """
     for name, notes in (("train", train), ("dev", dev), ("test", test)):
         _require_notes(notes, name)
+    if not set(label_space(train)) & set(label_space(test)):  # checked before an expensive fit
+        raise EvalInputError("no label in common between the training notes and the test notes")
     if fit:
         coder.fit(train, dev)
     eval_labels = list(labels) if labels is not None else list(coder.labels)
-    unseen = sorted(set(label_space(test)) - set(eval_labels))
-    eval_labels += unseen
-    if not set(coder.labels) & set(label_space(test)):
-        raise EvalInputError("no label in common between the coder's training labels and the test notes")
+    eval_labels += sorted(set(label_space(test)) - set(eval_labels))
     y_dev = binarize([n.codes for n in dev], eval_labels)
     if y_dev.sum() == 0:
         raise EvalInputError("dev notes carry none of the evaluation labels: cannot tune the threshold")
