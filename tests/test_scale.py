@@ -1,4 +1,4 @@
-"""Scale-out: the same entry script (train/dp_lora.py) on 2 CPU processes (gloo), DDP-style and
+"""Scale-out (tiny_model_dir comes from tests/conftest.py): the same entry script (train/dp_lora.py) on 2 CPU processes (gloo), DDP-style and
 under DeepSpeed ZeRO-1/2/3, with the DP guarantee intact. On a tiny LLaMA + LoRA:
 
 (a) every rank reports its true rank (checked on every launch);
@@ -27,8 +27,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpnotes.models import resolve_model
-from dpnotes.testing.tiny_models import tiny_llama
 from dpnotes.train.recipe import train
 from dpnotes.train.run_config import load_config
 
@@ -47,17 +45,6 @@ NOISY = [
     "privacy.target_epsilon=inf", f"privacy.noise_multiplier={SIGMA}", "privacy.max_grad_norm=1.0",
     f"privacy.steps={NOISY_STEPS}", "save_every=1", "optimizer=sgd", "learning_rate=1.0",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    tiny_llama(vocab=len(tokenizer), hidden=32, layers=2, max_positions=128).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _free_port() -> int:
