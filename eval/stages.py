@@ -31,9 +31,17 @@ def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> 
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     privacy: dict = {}
-    canaries, contexts = canary_contexts(train)
+    canaries, contexts = canary_contexts(train + dev + test)
     if canaries:
-        privacy["exposure"] = canary_exposure(model, tokenizer, canaries, contexts, n_candidates=config.canary_candidates)
+        # Canaries of held-out patients are the control: the model never saw them.
+        exposure = canary_exposure(model, tokenizer, canaries, contexts, n_candidates=config.canary_candidates)
+        trained_on = set(canary_secrets(train))
+        for row, canary in zip(exposure["per_canary"], canaries):
+            row["member"] = canary in trained_on
+        for group, member in (("member", True), ("nonmember", False)):
+            values = [r["exposure"] for r in exposure["per_canary"] if r["member"] == member]
+            exposure[f"mean_{group}_exposure"] = sum(values) / len(values) if values else None
+        privacy["exposure"] = exposure
     with torch.no_grad():
         members = note_losses(model, tokenizer, _sample(train, config.mia_notes))
         nonmembers = note_losses(model, tokenizer, _sample(test, config.mia_notes))

@@ -1,7 +1,7 @@
 """Generate synthetic notes conditioned on code sets, as JSONL in the corpus schema + a manifest.
 
     python -m dpnotes.generate.synthesize --model runs/demo/eps8/merged --run runs/demo/eps8 \
-        --count 200 --out runs/demo/eps8/synthetic --conditioning dp-histogram --conditioning-epsilon 1
+        --count 200 --out runs/demo/eps8/synthetic --conditioning dp-marginals --conditioning-epsilon 1
 
 Resumable: notes already in OUT/notes.jsonl are kept and only missing indices are generated; the
 released code-set distribution is saved once (OUT/conditioning.json) so resuming never spends its
@@ -20,12 +20,18 @@ from tqdm import tqdm
 
 from dpnotes.corpus import Note, validate_notes
 from dpnotes.generate.backends import SamplingConfig, make_backend
-from dpnotes.generate.conditioning import CodeSetDistribution, dp_code_set_histogram, prior_distribution
+from dpnotes.generate.conditioning import (
+    CodeSetDistribution,
+    dp_code_marginals,
+    dp_code_set_histogram,
+    prior_distribution,
+)
 from dpnotes.prompting import note_prompt
 
 NOTES = "notes.jsonl"
 CONDITIONING = "conditioning.json"
 MANIFEST = "manifest.json"
+DP_RELEASES = {"dp-histogram": dp_code_set_histogram, "dp-marginals": dp_code_marginals}
 
 
 def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None, epsilon: float, delta: float | None,
@@ -37,13 +43,13 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
         if prior is None:
             raise ValueError("--conditioning prior needs --prior FILE")
         distribution = prior_distribution(prior)
-    elif source == "dp-histogram":
+    elif source in DP_RELEASES:
         if not train_notes:
-            raise ValueError("--conditioning dp-histogram needs the training notes (--train-corpus)")
+            raise ValueError(f"--conditioning {source} needs the training notes (--run)")
         patients = len({n.patient_id for n in train_notes})
-        distribution = dp_code_set_histogram(train_notes, epsilon, delta or 1 / (10 * patients), seed=seed)
+        distribution = DP_RELEASES[source](train_notes, epsilon, delta or 1 / (10 * patients), seed=seed)
     else:
-        raise ValueError(f"unknown conditioning {source!r}: dp-histogram or prior")
+        raise ValueError(f"unknown conditioning {source!r}: {', '.join(DP_RELEASES)} or prior")
     out_dir.mkdir(parents=True, exist_ok=True)
     distribution.save(saved)
     return distribution
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "vllm-server"])
-    parser.add_argument("--conditioning", default="dp-histogram", choices=["dp-histogram", "prior"])
+    parser.add_argument("--conditioning", default="dp-marginals", choices=[*DP_RELEASES, "prior"])
     parser.add_argument("--conditioning-epsilon", type=float, default=1.0)
     parser.add_argument("--conditioning-delta", type=float)
     parser.add_argument("--prior", type=Path)
@@ -147,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     train_notes = None
-    if args.conditioning == "dp-histogram":
+    if args.conditioning in DP_RELEASES:
         if args.run is None:
-            parser.error("--conditioning dp-histogram needs --run (the training output_dir)")
+            parser.error(f"--conditioning {args.conditioning} needs --run (the training output_dir)")
         train_notes = load_training_notes(config_of_run(args.run))
     distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
                                     args.conditioning_delta, args.prior, None)

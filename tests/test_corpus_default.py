@@ -65,3 +65,10 @@ def test_cli_writes_a_readable_corpus(tmp_path, capsys):
     assert notes == generate_default_corpus(n_patients=20, canaries=2)
     assert len(canary_secrets(notes)) == 2
     assert "Patient name" not in capsys.readouterr().out
+
+
+def test_canary_patients_are_independent_of_the_patient_split():
+    for seed in range(3):
+        notes = generate_default_corpus(n_patients=200, canaries=50, seed=seed)
+        in_train = len(canary_secrets(split_by_patient(notes, seed=seed)["train"]))
+        assert 28 <= in_train <= 48  # about 80 % of 50

@@ -1,6 +1,7 @@
 """Generation: merge == base + adapter, DP code-set histogram, schema, determinism and resume,
 and the backends' interface (transformers here; vLLM server client against a loopback stub)."""
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -90,7 +91,7 @@ def test_bad_conditioning_inputs(tmp_path):
         dp_code_set_histogram(notes_with_code_sets({"I10": 5}), 0.0, 1e-3)
     with pytest.raises(ValueError, match="1/N"):
         dp_code_set_histogram(notes_with_code_sets({"I10": 5}), 1.0, 0.5)
-    with pytest.raises(ValueError, match="no code set survived"):
+    with pytest.raises(ValueError, match="survived the DP threshold"):
         CodeSetDistribution({}, 1.0, 1e-4, "dp-histogram").sample(3, 0)
     prior = tmp_path / "prior.json"
     prior.write_text(json.dumps({"I10;E11.9": 2, "J44.9": 1}))
@@ -155,3 +156,20 @@ def test_vllm_backend_needs_the_optional_extra(merged_dir):
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="unknown backend 'tgi'"):
         make_backend("tgi", "x")
+
+
+def test_dp_marginals_release_codes_and_sizes_with_sensitivity_sqrt_k_plus_1():
+    from dpnotes.generate.conditioning import dp_code_marginals
+
+    notes = generate_default_corpus(n_patients=400, seed=0)
+    distribution = dp_code_marginals(notes, epsilon=1.0, delta=1e-4, max_codes=3, seed=0)
+    assert distribution.epsilon == pytest.approx(1.0, rel=0.01)
+    unit_sigma = distribution.noise_std / math.sqrt(4)
+    assert compute_epsilon(unit_sigma, 1.0, 1, 0.5e-4, "pld") == pytest.approx(distribution.epsilon, rel=1e-6)
+    assert len(distribution.weights) >= 5  # common codes clear the threshold, unlike whole code sets
+    assert all(count >= distribution.threshold for count in distribution.weights.values())
+    sets = distribution.sample(200, seed=3)
+    assert sets == distribution.sample(200, seed=3)
+    assert all(1 <= len(s) <= 3 and len(set(s)) == len(s) and set(s) <= set(distribution.weights) for s in sets)
+    rare = notes_with_code_sets({"I10": 300, "Q99.9": 1})
+    assert "Q99.9" not in dp_code_marginals(rare, 1.0, 1e-4, seed=0).weights

@@ -44,8 +44,8 @@ class TrainableWeights:
                 params[name].copy_(value)
 
 
-def load_training_notes(config: TrainConfig) -> list[Note]:
-    """The train split (by patient) of the configured corpus, validated before any work."""
+def load_corpus_notes(config: TrainConfig) -> list[Note]:
+    """The configured corpus, validated before any work (all splits)."""
     if config.corpus == "default":
         notes = generate_default_corpus(n_patients=config.corpus_patients, canaries=config.canaries, seed=config.split_seed)
         source = "default corpus"
@@ -53,7 +53,12 @@ def load_training_notes(config: TrainConfig) -> list[Note]:
         notes = load_corpus(config.corpus)
         source = config.corpus
     validate_notes(notes, source)
-    return split_by_patient(notes, seed=config.split_seed)["train"]
+    return notes
+
+
+def load_training_notes(config: TrainConfig) -> list[Note]:
+    """The train split (by patient) of the configured corpus."""
+    return split_by_patient(load_corpus_notes(config), seed=config.split_seed)["train"]
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -63,6 +68,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         PartialState(backend="gloo") if deepspeed else PartialState(cpu=True, backend="gloo")
     trackers = None if config.report_to == "none" else config.report_to
+    os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync` uploads later, on purpose
+    if trackers:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", str(Path(config.output_dir).parent))
     return Accelerator(log_with=trackers, project_dir=config.output_dir)
 
 

@@ -125,7 +125,10 @@ def generate_default_corpus(
     profiles = CODE_BANK[:n_codes]
     # Zipf-like prevalence: the first codes are the common ones, which makes top-K meaningful.
     prevalence = [1.0 / (rank + 2) for rank in range(n_codes)]
-    canary_of_patient = dict(zip(rng.sample(range(n_patients), canaries), _canary_identifiers(rng, canaries)))
+    # Own stream: drawn from `rng`, canary patients would correlate with split_by_patient's
+    # shuffle under the same seed (seen: all of them landing outside the train split).
+    canary_rng = random.Random(f"canaries/{seed}")
+    canary_of_patient = dict(zip(canary_rng.sample(range(n_patients), canaries), _canary_identifiers(canary_rng, canaries)))
     sizes, size_weights = zip(*CODES_PER_PATIENT)
     notes = []
     for patient in range(n_patients):

@@ -1,0 +1,206 @@
+"""The whole study in one command: for each ε of a sweep, train → merge → generate → evaluate,
+then one report (privacy–utility trade-off) locally and to W&B.
+
+    python -m dpnotes.pipeline --config dpnotes/configs/pipeline_demo.yaml
+    python -m dpnotes.pipeline --config dpnotes/configs/pipeline_demo.yaml --only train --epsilon 8
+
+Every stage writes its outputs with the hash of what determined them and is skipped when they
+exist for the same hash; training resumes from its last checkpoint (same ε accounting), and
+generation resumes without duplicates. With `launcher:` set, training runs under
+`accelerate launch --config_file LAUNCHER` (multi-GPU / multi-node).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dpnotes.corpus import Note, split_by_patient
+from dpnotes.train.run_config import TrainConfig, _build, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/demo"
+    train_config: str = "train/configs/demo_smollm2.yaml"
+    train_overrides: list[str] = field(default_factory=list)
+    epsilons: list[float] = field(default_factory=lambda: [8.0, math.inf])
+    launcher: str | None = None  # accelerate config file for multi-process training
+    synthetic_count: int = 50
+    conditioning: str = "dp-marginals"  # or "dp-histogram" (whole code sets; large corpora), "prior" (prior_path)
+    conditioning_epsilon: float = 1.0
+    prior_path: str | None = None
+    max_new_tokens: int = 160
+    temperature: float = 0.8
+    generation_batch_size: int = 16
+    generation_backend: str = "transformers"
+    mia_notes: int = 100  # members and as many non-members
+    canary_candidates: int = 500
+    bootstrap: int = 200
+    dp_coder: bool = True
+    dp_coder_model: str = "minilm"
+    dp_coder_steps: int = 30
+    report_to: str = "wandb"
+
+
+def epsilon_tag(epsilon: float) -> str:
+    return "eps_inf" if math.isinf(epsilon) else f"eps_{epsilon:g}"
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.root = Path(config.output_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ---- per-ε configuration -------------------------------------------------------------------
+    def train_config(self, epsilon: float) -> TrainConfig:
+        overrides = [*self.config.train_overrides, f"privacy.target_epsilon={epsilon}",
+                     f"output_dir={self.run_dir(epsilon)}", f"report_to={self.config.report_to}"]
+        return load_config(ROOT / self.config.train_config if not Path(self.config.train_config).exists()
+                           else self.config.train_config, overrides)
+
+    def run_dir(self, epsilon: float) -> Path:
+        return self.root / epsilon_tag(epsilon)
+
+    def splits(self) -> dict[str, list[Note]]:
+        from dpnotes.train.recipe import load_corpus_notes
+
+        config = self.train_config(self.config.epsilons[0])
+        return split_by_patient(load_corpus_notes(config), seed=config.split_seed)
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def train(self, epsilon: float) -> dict:
+        config = self.train_config(epsilon)
+        report = read_json(self.run_dir(epsilon) / "privacy_report.json")
+        if report and report.get("config_hash") == config.fingerprint():
+            log(f"train {epsilon_tag(epsilon)}: done (ε = {report['epsilon']:.4g}), skipped")
+            return report
+        log(f"train {epsilon_tag(epsilon)}: DP fine-tuning to target ε = {epsilon}")
+        if self.config.launcher:
+            config_file = self.run_dir(epsilon) / "train_config.yaml"
+            config_file.parent.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(config), default=str))))
+            subprocess.run(["accelerate", "launch", "--config_file", self.config.launcher,
+                            str(ROOT / "train" / "dp_lora.py"), "--config", str(config_file)], check=True)
+            return read_json(self.run_dir(epsilon) / "privacy_report.json")
+        from dpnotes.train.recipe import train
+
+        return train(config)
+
+    def merge(self, epsilon: float) -> Path:
+        from dpnotes.generate.merge import merge_run
+
+        run, merged = self.run_dir(epsilon), self.run_dir(epsilon) / "merged"
+        if read_json(merged / "privacy_report.json") == read_json(run / "privacy_report.json"):
+            log(f"merge {epsilon_tag(epsilon)}: done, skipped")
+            return merged
+        log(f"merge {epsilon_tag(epsilon)}: LoRA → {merged}")
+        return merge_run(run, merged)
+
+    def generate(self, epsilon: float) -> dict:
+        from dpnotes.generate.backends import SamplingConfig
+        from dpnotes.generate.synthesize import conditioning_for, synthesize
+
+        c = self.config
+        out = self.run_dir(epsilon) / "synthetic"
+        train_notes = self.splits()["train"] if c.conditioning != "prior" else None
+        distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
+                                        Path(c.prior_path) if c.prior_path else None, None)
+        sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
+        log(f"generate {epsilon_tag(epsilon)}: {c.synthetic_count} notes with {c.generation_backend}")
+        return synthesize(self.run_dir(epsilon) / "merged", out, c.synthetic_count, distribution,
+                          c.generation_backend, sampling, seed=0)
+
+    def evaluate(self, epsilon: float) -> dict:
+        from dpnotes.eval.stages import evaluate_generator
+
+        run = self.run_dir(epsilon)
+        manifest = read_json(run / "synthetic" / "manifest.json")
+        key = digest(manifest["count"], manifest["training"], manifest["conditioning"], asdict(self.config))
+        done = read_json(run / "eval.json")
+        if done and done.get("inputs_hash") == key:
+            log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")
+            return done
+        log(f"evaluate {epsilon_tag(epsilon)}: coders on synthetic vs real, exposure, MIA, leakage, fidelity")
+        result = evaluate_generator(run, self.splits(), self.config)
+        result["inputs_hash"] = key
+        (run / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+        return result
+
+    def baselines(self) -> dict:
+        from dpnotes.eval.stages import coder_baselines
+
+        key = digest(asdict(self.config), self.train_config(self.config.epsilons[0]).fingerprint())
+        done = read_json(self.root / "baselines.json")
+        if done and done.get("inputs_hash") == key:
+            log("baselines: done, skipped")
+            return done
+        log("baselines: coder on real notes, and DP-LoRA coders on real notes per ε")
+        result = coder_baselines(self.splits(), self.config)
+        result["inputs_hash"] = key
+        (self.root / "baselines.json").write_text(json.dumps(result, indent=2, default=str))
+        return result
+
+    def report(self) -> Path:
+        from dpnotes.report import write_report
+
+        log("report: plots, tables, examples")
+        return write_report(self.root, self.config)
+
+    def run(self, only: str | None = None, epsilons: list[float] | None = None) -> Path | None:
+        for epsilon in epsilons or self.config.epsilons:
+            for stage in ("train", "merge", "generate", "evaluate"):
+                if only in (None, stage):
+                    getattr(self, stage)(epsilon)
+        if only in (None, "baselines"):
+            self.baselines()
+        if only in (None, "report"):
+            return self.report()
+        return None
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    from dpnotes.train.run_config import _merge, parse_overrides
+
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    return _build(PipelineConfig, _merge(values or {}, parse_overrides(list(overrides))), "pipeline")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "dpnotes" / "configs" / "pipeline_demo.yaml"))
+    parser.add_argument("--only", choices=STAGES, help="run one stage")
+    parser.add_argument("--epsilon", type=float, action="append", help="restrict to these ε (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
+    args = parser.parse_args(argv)
+    report = Pipeline(load_pipeline_config(args.config, args.overrides)).run(args.only, args.epsilon)
+    if report:
+        print(f"\nreport: {report}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
