@@ -49,6 +49,8 @@ def test_only_lora_and_classifier_are_trained(setup):
                         privacy_unit="sequence")
     num_labels = len(label_space(splits["train"], splits["dev"]))
     before = {n: p.detach().clone() for n, p in coder._build(num_labels)[0].named_parameters()}
+    head_biases = [v for n, v in before.items() if "classifier" in n and n.endswith("bias")]
+    assert head_biases and all((b == -3.0).all() for b in head_biases)  # data-independent rare-code prior
     coder.fit(splits["train"], splits["dev"])
     trainable = {n for n, p in coder.model_.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
