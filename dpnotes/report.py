@@ -90,6 +90,7 @@ def plot_all(root: Path, summary: dict) -> dict[str, Path]:
         ax.plot(dp_x, [v["metrics"]["micro_f1"] for v in dp.values()], "s-", label="DP-LoRA coder on real notes")
     ax.set(xscale="log", xlabel="ε (target; rightmost = ∞)", ylabel="micro-F1 on real test notes", title="Utility vs privacy")
     ax.set_xticks(xs, labels)
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     figures["f1_vs_epsilon"] = _save(fig, root / "f1_vs_epsilon.png")
 
@@ -108,11 +109,13 @@ def plot_all(root: Path, summary: dict) -> dict[str, Path]:
     left.plot(xs, [r["mean_nonmember_exposure"] for r in runs], "s:", label="held-out canaries (mean)")
     left.set(xscale="log", xlabel="ε", ylabel="exposure (bits)", title="Canary exposure")
     left.set_xticks(xs, labels)
+    left.minorticks_off()
     left.legend(fontsize=8)
     right.plot(xs, [r["mia_auc"] for r in runs], "o-")
     right.axhline(0.5, color="k", linestyle=":")
     right.set(xscale="log", xlabel="ε", ylabel="AUC", title="Loss membership inference")
     right.set_xticks(xs, labels)
+    right.minorticks_off()
     figures["privacy_vs_epsilon"] = _save(fig, root / "privacy_vs_epsilon.png")
     return figures
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from dpnotes.testing.tiny_models import tiny_llama_folder
 
@@ -9,3 +10,12 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama_folder(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

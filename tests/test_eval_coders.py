@@ -1,7 +1,6 @@
 """Coders: label-space handling, the common interface, evaluation on real test notes."""
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
@@ -17,14 +16,6 @@ from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def splits():

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from dpnotes.corpus import generate_default_corpus, split_by_patient
@@ -12,14 +11,6 @@ from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def setup():

@@ -1,7 +1,6 @@
 """Fidelity measures against hand-computed values."""
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note
@@ -16,14 +15,6 @@ from dpnotes.eval.fidelity import (
 )
 from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_frechet_distance_hand():

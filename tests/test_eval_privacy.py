@@ -39,14 +39,6 @@ TEXTS = [
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small word-level HF tokenizer (digits split one by one): keeps the tiny LM fast."""

@@ -35,79 +35,40 @@ def _tiny_decoder(config_cls: type[PretrainedConfig], seed: int, **config) -> Pr
     return _seeded(lambda: AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"), seed)
 
 
-def tiny_llama(
-    vocab: int = 128,
-    hidden: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 64,
-    tie: bool = False,
-    seed: int = 0,
-    max_positions: int = 256,
-) -> PreTrainedModel:
-    return _tiny_decoder(
-        LlamaConfig,
-        seed,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        tie_word_embeddings=tie,
-        max_position_embeddings=max_positions,
-    )
+def _llama_like(config_cls: type[PretrainedConfig]):
+    """Builder for the LLaMA-shaped families (LLaMA, Qwen2, Mistral share the config fields)."""
+
+    def build(
+        vocab: int = 128,
+        hidden: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        kv_heads: int = 2,
+        intermediate: int = 64,
+        tie: bool = False,
+        seed: int = 0,
+        max_positions: int = 256,
+    ) -> PreTrainedModel:
+        return _tiny_decoder(
+            config_cls,
+            seed,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=intermediate,
+            tie_word_embeddings=tie,
+            max_position_embeddings=max_positions,
+        )
+
+    build.__name__ = f"tiny_{config_cls.model_type}"
+    return build
 
 
-def tiny_qwen2(
-    vocab: int = 128,
-    hidden: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 64,
-    tie: bool = False,
-    seed: int = 0,
-    max_positions: int = 256,
-) -> PreTrainedModel:
-    return _tiny_decoder(
-        Qwen2Config,
-        seed,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        tie_word_embeddings=tie,
-        max_position_embeddings=max_positions,
-    )
-
-
-def tiny_mistral(
-    vocab: int = 128,
-    hidden: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 64,
-    tie: bool = False,
-    seed: int = 0,
-    max_positions: int = 256,
-) -> PreTrainedModel:
-    return _tiny_decoder(
-        MistralConfig,
-        seed,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        tie_word_embeddings=tie,
-        max_position_embeddings=max_positions,
-    )
+tiny_llama = _llama_like(LlamaConfig)
+tiny_qwen2 = _llama_like(Qwen2Config)
+tiny_mistral = _llama_like(MistralConfig)
 
 
 def tiny_gpt2(
