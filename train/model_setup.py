@@ -54,8 +54,12 @@ def prepare_trainable(model: PreTrainedModel, config: TrainableConfig) -> nn.Mod
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts, also when ZeRO-3 has partitioned them (ds_numel)."""
+
+    def numel(param: nn.Parameter) -> int:
+        return getattr(param, "ds_numel", param.numel())
+
+    return sum(numel(p) for p in model.parameters() if p.requires_grad), sum(numel(p) for p in model.parameters())
 
 
 __all__ = ["TrainableConfig", "count_trainable", "prepare_trainable", "untie_word_embeddings"]
