@@ -180,39 +180,38 @@ class PerExampleClipper:
         `losses`: (B,) per-example losses. `group_index`: (B,) privacy unit of each example in
         0..U-1 (None: each example is its own unit). Returns per-unit norms and coefficients.
         """
-        try:
-            return self._backward(losses, group_index)
-        finally:
-            self._release()
+        return self._clip(losses, group_index, accumulate=True)
 
     def coefficients(self, losses: torch.Tensor, group_index: torch.Tensor | None = None) -> ClipResult:
         """Norm pass only, for the forward recorded last: per-unit norms and clip coefficients from
         `torch.autograd.grad` w.r.t. the recorded layer outputs. No parameter `.grad` is touched:
         an engine that owns the backward (DeepSpeed) then back-propagates Σ c_i L_i itself."""
+        return self._clip(losses, group_index, accumulate=False)
+
+    def _clip(self, losses: torch.Tensor, group_index: torch.Tensor | None, accumulate: bool) -> ClipResult:
         try:
             if losses.shape[0] == 0:
                 empty = losses.new_zeros(0, dtype=torch.float32)
                 return ClipResult(empty, empty)
-            _, norms, unit_coef, _ = self._norms(losses, group_index, retain_graph=False)
+            ghost = accumulate and self.mode == "ghost"
+            per_layer, norms, unit_coef, example_coef = self._norms(losses, group_index, retain_graph=ghost)
+            if ghost:
+                (losses * example_coef.to(losses.dtype)).sum().backward()
+            elif accumulate:
+                self._accumulate_clipped(per_layer, example_coef)
             return ClipResult(norms.detach(), unit_coef.detach())
         finally:
             self._release()
 
-    def _backward(self, losses: torch.Tensor, group_index: torch.Tensor | None) -> ClipResult:
-        if losses.shape[0] == 0:
-            empty = losses.new_zeros(0, dtype=torch.float32)
-            return ClipResult(empty, empty)
-        per_layer, norms, unit_coef, example_coef = self._norms(losses, group_index, self.mode == "ghost")
-        if self.mode == "ghost":
-            (losses * example_coef.to(losses.dtype)).sum().backward()
-        else:
-            for layer, saved, grad_output in per_layer:
-                grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
-                for name, grad in grads.items():
-                    param = layer.params[name]
-                    grad = grad.to(param.dtype)
-                    param.grad = grad if param.grad is None else param.grad.add_(grad)
-        return ClipResult(norms.detach(), unit_coef.detach())
+    @staticmethod
+    def _accumulate_clipped(per_layer, example_coef: torch.Tensor) -> None:
+        """Book-keeping: Σ_b c_b · grad_b from the stored activations and backprops."""
+        for layer, saved, grad_output in per_layer:
+            grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
+            for name, grad in grads.items():
+                param = layer.params[name]
+                grad = grad.to(param.dtype)
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     def _norms(self, losses: torch.Tensor, group_index: torch.Tensor | None, retain_graph: bool):
         batch = losses.shape[0]
