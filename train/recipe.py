@@ -185,7 +185,8 @@ def train(config: TrainConfig) -> dict:
     def fetch(indices: list[int]) -> dict:
         return data.collate(indices, accelerator.device)
 
-    while engine.budget_allows_step():
+    more = engine.budget_allows_step()
+    while more:
         start = time.perf_counter()
         if deepspeed:
             stats = ds_step.step(fetch, causal_lm_losses, accelerator.process_index, accelerator.num_processes)
@@ -205,7 +206,8 @@ def train(config: TrainConfig) -> dict:
             },
             step=step,
         )
-        if step % config.save_every == 0 or not engine.budget_allows_step():
+        more = engine.budget_allows_step()
+        if step % config.save_every == 0 or not more:
             save_checkpoint(accelerator, output_dir, step)
         accelerator.print(
             f"step {step}/{config.privacy.steps} ε={stats.epsilon:.4g} ({elapsed:.2f}s) "
