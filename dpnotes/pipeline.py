@@ -123,10 +123,16 @@ class Pipeline:
 
     def generate(self, epsilon: float) -> dict:
         from dpnotes.generate.backends import SamplingConfig
-        from dpnotes.generate.synthesize import conditioning_for, synthesize
+        from dpnotes.generate.synthesize import MANIFEST, NOTES, conditioning_for, read_done, synthesize
 
         c = self.config
         out = self.run_dir(epsilon) / "synthetic"
+        manifest = read_json(out / MANIFEST)
+        trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
+        if (manifest and manifest["count"] == c.synthetic_count and len(read_done(out / NOTES)) == c.synthetic_count
+                and manifest["training"]["config_hash"] == trained.get("config_hash")):
+            log(f"generate {epsilon_tag(epsilon)}: done, skipped")
+            return manifest
         train_notes = self.splits()["train"] if c.conditioning != "prior" else None
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
                                         Path(c.prior_path) if c.prior_path else None, None)
