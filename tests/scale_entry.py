@@ -1,30 +1,27 @@
 """train/dp_lora.py for the multi-process tests, with one test-only switch:
 
 DPNOTES_TEST_KILL_AFTER_STEP=k  hard-exits every rank (os._exit, no cleanup, no final save) as soon
-as step k is done and checkpointed: a kill between steps. The next launch resumes from `latest`.
+as the checkpoint of step k (or later) is written: a kill between steps. The next launch resumes from `latest`.
 """
 import os
 import runpy
 import sys
 from pathlib import Path
 
-from dpnotes.train.dp.engine import PrivacyEngine
+from dpnotes.train import recipe
 
 kill_after = os.environ.get("DPNOTES_TEST_KILL_AFTER_STEP")
 if kill_after is not None:
-    allows = PrivacyEngine.budget_allows_step
+    save = recipe.save_checkpoint
 
-    def budget_allows_step(self):
-        if self.steps_taken >= int(kill_after):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()  # rank 0 has written the `latest` pointer by now
+    def save_then_maybe_die(accelerator, output_dir, step):
+        save(accelerator, output_dir, step)
+        if step >= int(kill_after):
+            accelerator.wait_for_everyone()  # rank 0 has moved the `latest` pointer by now
             sys.stdout.flush()
             os._exit(17)
-        return allows(self)
 
-    PrivacyEngine.budget_allows_step = budget_allows_step
+    recipe.save_checkpoint = save_then_maybe_die
 
 entry = Path(__file__).resolve().parents[1] / "train" / "dp_lora.py"
 sys.argv = [str(entry), *sys.argv[1:]]
