@@ -12,6 +12,7 @@ generation resumes without duplicates. With `launcher:` set, training runs under
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -86,7 +87,9 @@ class Pipeline:
     def run_dir(self, epsilon: float) -> Path:
         return self.root / epsilon_tag(epsilon)
 
+    @functools.cached_property
     def splits(self) -> dict[str, list[Note]]:
+        """The corpus split once per run (every ε shares it; a large corpus is read once)."""
         from dpnotes.train.recipe import load_corpus_notes
 
         config = self.train_config(self.config.epsilons[0])
@@ -133,7 +136,7 @@ class Pipeline:
                 and manifest["training"]["config_hash"] == trained.get("config_hash")):
             log(f"generate {epsilon_tag(epsilon)}: done, skipped")
             return manifest
-        train_notes = self.splits()["train"] if c.conditioning != "prior" else None
+        train_notes = self.splits["train"] if c.conditioning != "prior" else None
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
                                         Path(c.prior_path) if c.prior_path else None, None)
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
@@ -152,7 +155,7 @@ class Pipeline:
             log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")
             return done
         log(f"evaluate {epsilon_tag(epsilon)}: coders on synthetic vs real, exposure, MIA, leakage, fidelity")
-        result = evaluate_generator(run, self.splits(), self.config)
+        result = evaluate_generator(run, self.splits, self.config)
         result["inputs_hash"] = key
         (run / "eval.json").write_text(json.dumps(result, indent=2, default=str))
         return result
@@ -166,7 +169,7 @@ class Pipeline:
             log("baselines: done, skipped")
             return done
         log("baselines: coder on real notes, and DP-LoRA coders on real notes per ε")
-        result = coder_baselines(self.splits(), self.config)
+        result = coder_baselines(self.splits, self.config)
         result["inputs_hash"] = key
         (self.root / "baselines.json").write_text(json.dumps(result, indent=2, default=str))
         return result
