@@ -135,7 +135,7 @@ class DPLoRACoder(Coder):
             if stats.examples:
                 losses.append(stats.loss_sum / stats.examples)
             if engine.steps_taken % 10 == 0:
-                self.log(f"ε={self.epsilon} step {engine.steps_taken}/{self.steps} loss {np.mean(losses[-10:]) if losses else float('nan'):.4f}")
+                self.log(f"ε={self.epsilon} step {engine.steps_taken}/{self.steps} [not private: loss {np.mean(losses[-10:]) if losses else float('nan'):.4f}]")
         self.model_.eval()
         summary = engine.summary()
         self.privacy_ = {
