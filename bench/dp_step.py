@@ -77,14 +77,7 @@ def make_step(variant, model, optimizer, batch):
 
     batch_size = batch["input_ids"].shape[0]
     if variant == "nonprivate":
-
-        def step():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_losses(logits, batch["labels"]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+        return mean_loss_step(model, optimizer, batch)
     if variant.startswith("dpnotes"):
         from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
         from dpnotes.train.dp.losses import causal_lm_losses
@@ -128,12 +121,17 @@ def make_opacus_step(variant, model, optimizer, batch):
         return step
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size)
+    return mean_loss_step(module, dp_optimizer, batch)
+
+
+def mean_loss_step(model, optimizer, batch):
+    """A step on the batch-mean loss (non-private, or Opacus hooks whose optimizer clips and noises)."""
 
     def step():
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         token_losses(logits, batch["labels"]).backward()
-        dp_optimizer.step()
-        dp_optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
 
