@@ -23,7 +23,6 @@ LORA_TARGETS = ["q_proj", "v_proj"]
 
 
 def build_model(name: str, setup: str):
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from dpnotes.models import load_causal_lm
@@ -73,7 +72,6 @@ def worker(name: str, setup: str, variant: str, steps: int, batch_size: int, seq
 
 
 def make_step(variant, model, optimizer, batch):
-    import torch
 
     batch_size = batch["input_ids"].shape[0]
     if variant == "nonprivate":

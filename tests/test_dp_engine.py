@@ -11,6 +11,7 @@ from dpnotes.testing.tiny_models import random_batch, tiny_llama
 from dpnotes.train.dp.accounting import compute_epsilon
 from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
 from dpnotes.train.dp.losses import causal_lm_losses
+from dpnotes.train.dp.randomness import SecretKeys
 from dpnotes.train.dp.sampling import PoissonSampler, pack_micro_batches
 
 DATA = random_batch(vocab=128, batch=40, seq_len=10, seed=11)
@@ -30,11 +31,12 @@ def trainable(model):
 
 
 def test_poisson_sampler_rate_and_empty_batches():
-    sampler = PoissonSampler(1000, 0.05, seed=0)
-    sizes = torch.tensor([len(sampler.sample()) for _ in range(400)], dtype=torch.float32)
+    key = SecretKeys.fresh().sampling
+    sampler = PoissonSampler(1000, 0.05, key)
+    sizes = torch.tensor([len(sampler.sample(step)) for step in range(400)], dtype=torch.float32)
     assert abs(sizes.mean().item() - 50) < 2
-    tiny = PoissonSampler(10, 0.01, seed=0)
-    assert any(len(tiny.sample()) == 0 for _ in range(50))
+    tiny = PoissonSampler(10, 0.01, key)
+    assert any(len(tiny.sample(step)) == 0 for step in range(50))
 
 
 def test_micro_batches_never_split_a_unit():
@@ -59,12 +61,10 @@ def test_without_noise_the_gradient_is_the_clipped_sum_over_expected_batch():
     model = lora_llama()
     config = PrivacyConfig(noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=8, steps=1, micro_batch_size=3, seed=4)
     engine = PrivacyEngine(model, config, num_units=40)
-    before = engine.sampler.generator.get_state()
     engine.private_gradients(model, fetch, causal_lm_losses)
     ours = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
 
-    engine.sampler.generator.set_state(before)
-    indices = engine.sampler.sample().tolist()
+    indices = engine.sampler.sample(0).tolist()
     assert len(indices) > 3  # several micro-batches
     _, reference = clipped_sum_reference(per_example_gradients(model, causal_lm_losses, fetch(indices)), 0.05)
     torch.testing.assert_close(ours, reference / 8, rtol=1e-4, atol=1e-7)
@@ -147,3 +147,24 @@ def test_patient_unit_engine_clips_per_patient():
     per_example = per_example_gradients(model, causal_lm_losses, fetch(list(range(12))))
     _, reference = clipped_sum_reference(per_example, 0.05, owner)
     torch.testing.assert_close(ours, reference / 5, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+@pytest.mark.parametrize("sigma", [0.0, 0.01])
+def test_bf16_sums_and_noise_are_fp32_and_cast_once(mode, sigma):
+    """One large and 63 small contributions: a bf16 running sum drops every small one (each is
+    under half an ulp of the sum), losing 6 % of the total; the fp32 sum keeps them."""
+    from dpnotes.train.dp.randomness import gaussian, stream
+
+    rows = torch.cat([torch.ones(1, 4), torch.full((63, 4), 2.0**-10)])
+    model = nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    nn.init.zeros_(model.weight)
+    config = PrivacyConfig(noise_multiplier=sigma, max_grad_norm=10.0, expected_batch_size=64, steps=1,
+                           micro_batch_size=1, clipping=mode, seed=1)
+    engine = PrivacyEngine(model, config, num_units=64)  # q = 1: every row, one per micro-batch
+    engine.private_gradients(model, lambda i: {"x": rows[i].to(torch.bfloat16)}, lambda m, b: m(b["x"]).sum(dim=1))
+    total = rows.sum(dim=0, keepdim=True)
+    noise = gaussian(stream(engine.keys.noise, 0), (1, 4)) * sigma * 10.0 if sigma else 0.0
+    expected = ((total + noise) / 64).to(torch.bfloat16)
+    assert model.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(model.weight.grad, expected, rtol=0, atol=0)

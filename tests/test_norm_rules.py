@@ -1,14 +1,22 @@
 """Every norm rule against a batch-size-1 oracle: norms, clipped sums, both clipping modes,
 batches of 0 and 1, T = 1, masked tokens, shared modules and per-patient units."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
-from dpnotes.testing.dp_oracle import clipped_sum_reference, flat_grad, per_example_gradients
+from dpnotes.testing.dp_oracle import clipped_sum_reference, flat_clipped_sum, per_example_gradients
 from dpnotes.train.dp.clipping import PerExampleClipper
-from dpnotes.train.dp.rules import UnsupportedParameterError
+from dpnotes.train.dp.rules import UnsupportedParameterError, rule_for
+from dpnotes.train.dp.rules.normalization import HF_RMS_NORMS
+
+
+def load_class(path: str) -> type:
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 FEATURES = 6
 
@@ -53,6 +61,12 @@ def head_tokens(batch, tokens, gen):
     return torch.randn(batch, tokens, 3, FEATURES, generator=gen)
 
 
+def attention_masks(batch, tokens, gen):
+    """Right-padded 0/1 masks (OPT's positional embedding takes the mask, not ids)."""
+    lengths = torch.randint(1, tokens + 1, (batch,), generator=gen)
+    return (torch.arange(tokens)[None, :] < lengths[:, None]).long()
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()
@@ -89,6 +103,17 @@ CASES = {
     "rmsnorm_per_head": (lambda: LlamaRMSNorm(FEATURES), head_tokens),
     "shared_module_called_twice": (Shared, float_tokens),
     "stack_of_families": (Stack, token_ids),
+    # Classes registered by name: each forward differs from its base's, each has its own check here.
+    "gemma_scaled_embedding": (
+        lambda: load_class("transformers.models.gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding")(
+            7, FEATURES, padding_idx=0, embed_scale=FEATURES**0.5), token_ids),
+    "opt_learned_positions": (
+        lambda: load_class("transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding")(8, FEATURES),
+        attention_masks),
+    "falcon_linear": (lambda: load_class("transformers.models.falcon.modeling_falcon.FalconLinear")(FEATURES, 5),
+                      float_tokens),
+    **{f"rms:{path.rsplit('.', 1)[1]}": (lambda path=path: load_class(path)(FEATURES), float_tokens)
+       for path in HF_RMS_NORMS},
 }
 
 
@@ -106,7 +131,7 @@ def run_clipper(model, batch, mode, max_grad_norm, group_index=None):
     with clipper.recording(len(batch["x"])):
         losses = probe_losses(model, batch) if len(batch["x"]) else torch.zeros(0)
     result = clipper.backward(losses, group_index)
-    return result, flat_grad(model)
+    return result, flat_clipped_sum(clipper)
 
 
 @pytest.mark.parametrize("mode", ["ghost", "bk"])
@@ -162,7 +187,7 @@ def test_parameter_without_rule_is_named():
             self.gain = nn.Parameter(torch.ones(3))
 
     model = nn.Sequential(nn.Linear(3, 3), Scale())
-    with pytest.raises(UnsupportedParameterError, match=r"1\.gain \(Scale\)"):
+    with pytest.raises(UnsupportedParameterError, match=r"1\.gain \(no rule for Scale\)"):
         PerExampleClipper(model, 1.0)
     model[1].gain.requires_grad_(False)
     assert len(PerExampleClipper(model, 1.0).layers) == 1  # frozen parameters are no concern
@@ -173,3 +198,66 @@ def test_tied_trainable_weights_are_refused():
     head.weight = embed.weight
     with pytest.raises(UnsupportedParameterError, match="tied"):
         PerExampleClipper(nn.ModuleDict({"embed": embed, "head": head}), 1.0)
+
+
+def test_a_subclass_that_overrides_forward_is_refused_by_name():
+    class Doubled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    class Renamed(nn.Embedding):
+        pass
+
+    assert rule_for(Renamed(7, 4)) is rule_for(nn.Embedding(7, 4))  # inherits forward: same rule
+    with pytest.raises(UnsupportedParameterError, match=r"embed\.weight \(Doubled overrides the forward of Embedding"):
+        PerExampleClipper(nn.ModuleDict({"embed": Doubled(7, 4)}), 1.0)
+
+
+class ReadsChildWeight(nn.Module):
+    """Uses its child's weight without calling the child: invisible to the child's rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(FEATURES, FEATURES)
+
+    def forward(self, x):
+        return self.inner(x) + x @ self.inner.weight.t()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_a_parameter_used_outside_its_module_is_refused_at_the_first_forward(mode):
+    model = Probe(ReadsChildWeight())
+    clipper = PerExampleClipper(model, 1.0, mode=mode)
+    data = make_batch(float_tokens, 3, 4)
+    with pytest.raises(UnsupportedParameterError, match=r"body\.inner \(.*ReadsChildWeight"):
+        with clipper.recording(3):
+            probe_losses(model, data)
+
+
+class Flattens(nn.Module):
+    """Calls a Linear on (B·T, d): not declared batch-major, so refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(FEATURES, FEATURES)
+
+    def forward(self, x):
+        return self.inner(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def test_undeclared_flattened_tokens_are_refused():
+    model = Probe(Flattens())
+    clipper = PerExampleClipper(model, 1.0)
+    with pytest.raises(UnsupportedParameterError, match=r"body\.inner \(Linear\): output leading dimension 12"):
+        with clipper.recording(3):
+            probe_losses(model, make_batch(float_tokens, 3, 4))
+
+
+def test_a_module_returning_a_tuple_is_refused():
+    class Pair(nn.Linear):
+        pass
+
+    Pair.forward = lambda self, x: (nn.functional.linear(x, self.weight, self.bias), x)
+    model = nn.ModuleDict({"pair": Pair(FEATURES, 2)})
+    with pytest.raises(UnsupportedParameterError, match="overrides the forward"):
+        PerExampleClipper(model, 1.0)

@@ -22,8 +22,7 @@ These are planning estimates (±20 %), not guarantees; measure before a long run
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 GiB = 1024**3
 

@@ -35,7 +35,7 @@ def clipped_sum_reference(
     return norms, (coef[:, None] * units).sum(dim=0)
 
 
-def flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters() if p.requires_grad]
-    )
+def flat_clipped_sum(clipper) -> torch.Tensor:
+    """A PerExampleClipper's clipped sums, flattened in the model's parameter order (the oracle's)."""
+    by_param = {id(p): s for p, s in zip(clipper.parameters, clipper.clipped_sums)}
+    return torch.cat([by_param[id(p)].reshape(-1) for p in clipper.model.parameters() if p.requires_grad])

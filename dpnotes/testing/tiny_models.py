@@ -5,19 +5,12 @@ code must see every matmul) whose weights depend only on ``seed``.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-)
+import transformers
+from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
 
 PAD_ID = 0
 
@@ -30,68 +23,103 @@ def _seeded(build, seed: int) -> PreTrainedModel:
     return model.float().eval()
 
 
-def _tiny_decoder(config_cls: type[PretrainedConfig], seed: int, **config) -> PreTrainedModel:
-    cfg = config_cls(pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2, **config)
-    return _seeded(lambda: AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"), seed)
+# Each decoder family's config, in its own field names, for the shared size arguments. Families
+# whose config has no key/value-head field use full multi-head attention.
+_FAMILIES: dict[str, tuple[str, Callable[..., dict]]] = {}
 
 
-def _llama_like(config_cls: type[PretrainedConfig]):
-    """Builder for the LLaMA-shaped families (LLaMA, Qwen2, Mistral share the config fields)."""
+def _family(name: str, config_cls: str):
+    def register(fields: Callable[..., dict]) -> Callable[..., dict]:
+        _FAMILIES[name] = (config_cls, fields)
+        return fields
 
-    def build(
-        vocab: int = 128,
-        hidden: int = 32,
-        layers: int = 2,
-        heads: int = 4,
-        kv_heads: int = 2,
-        intermediate: int = 64,
-        tie: bool = False,
-        seed: int = 0,
-        max_positions: int = 256,
-    ) -> PreTrainedModel:
-        return _tiny_decoder(
-            config_cls,
-            seed,
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            intermediate_size=intermediate,
-            tie_word_embeddings=tie,
-            max_position_embeddings=max_positions,
-        )
-
-    build.__name__ = f"tiny_{config_cls.model_type}"
-    return build
+    return register
 
 
-tiny_llama = _llama_like(LlamaConfig)
-tiny_qwen2 = _llama_like(Qwen2Config)
-tiny_mistral = _llama_like(MistralConfig)
+def _llama_fields(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions, **extra):
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+                **extra)
 
 
-def tiny_gpt2(
+for _name, _config in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"), ("mistral", "MistralConfig"),
+                       ("phi3", "Phi3Config"), ("olmo2", "Olmo2Config")):
+    _family(_name, _config)(_llama_fields)
+_family("qwen3", "Qwen3Config")(lambda heads, hidden, **kw: _llama_fields(heads=heads, hidden=hidden, head_dim=hidden // heads, **kw))
+_family("gemma", "GemmaConfig")(lambda heads, hidden, **kw: _llama_fields(heads=heads, hidden=hidden, head_dim=hidden // heads, **kw))
+for _name, _config in (("gemma2", "Gemma2Config"), ("gemma3", "Gemma3TextConfig")):
+    _family(_name, _config)(
+        lambda heads, hidden, **kw: _llama_fields(heads=heads, hidden=hidden, head_dim=hidden // heads,
+                                                  query_pre_attn_scalar=hidden // heads, sliding_window=4, **kw))
+# StableLM with its per-head q/k LayerNorms switched on (more layer kinds under test).
+_family("stablelm", "StableLmConfig")(lambda **kw: _llama_fields(qk_layernorm=True, **kw))
+# Mixture of experts: 4 experts, 2 per token.
+_family("mixtral", "MixtralConfig")(lambda **kw: _llama_fields(num_local_experts=4, num_experts_per_tok=2, **kw))
+
+
+@_family("gpt2", "GPT2Config")
+def _gpt2_fields(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions):
+    return dict(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+                n_positions=max_positions)
+
+
+@_family("gpt_neox", "GPTNeoXConfig")
+def _neox_fields(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions):
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=intermediate, max_position_embeddings=max_positions)
+
+
+@_family("falcon", "FalconConfig")
+def _falcon_fields(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions):
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                ffn_hidden_size=intermediate, max_position_embeddings=max_positions, bias=True)
+
+
+@_family("opt", "OPTConfig")
+def _opt_fields(vocab, hidden, layers, heads, kv_heads, intermediate, max_positions):
+    return dict(vocab_size=vocab, hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, ffn_dim=intermediate, max_position_embeddings=max_positions)
+
+
+DECODER_FAMILIES = tuple(sorted(_FAMILIES))
+
+
+def tiny_causal_lm(
+    family: str,
     vocab: int = 128,
     hidden: int = 32,
     layers: int = 2,
     heads: int = 4,
+    kv_heads: int = 2,
     intermediate: int = 64,
-    tie: bool = True,
+    tie: bool = False,
     seed: int = 0,
     max_positions: int = 256,
 ) -> PreTrainedModel:
-    return _tiny_decoder(
-        GPT2Config,
-        seed,
-        vocab_size=vocab,
-        n_embd=hidden,
-        n_layer=layers,
-        n_head=heads,
-        n_inner=intermediate,
-        n_positions=max_positions,
-        tie_word_embeddings=tie,
+    """A tiny random causal LM of one of `DECODER_FAMILIES`, as transformers builds it from a config."""
+    config_name, fields = _FAMILIES[family]
+    cfg = getattr(transformers, config_name)(
+        pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie,
+        **fields(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                 intermediate=intermediate, max_positions=max_positions),
     )
+    return _seeded(lambda: AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"), seed)
+
+
+def _family_builder(family: str):
+    build = functools.partial(tiny_causal_lm, family)
+    build.__name__ = f"tiny_{family}"
+    return build
+
+
+tiny_llama = _family_builder("llama")
+tiny_qwen2 = _family_builder("qwen2")
+tiny_mistral = _family_builder("mistral")
+
+
+def tiny_gpt2(tie: bool = True, **size) -> PreTrainedModel:
+    """GPT-2 ties its head to the embedding by default, as the real checkpoints do."""
+    return tiny_causal_lm("gpt2", tie=tie, **size)
 
 
 def tiny_bert(

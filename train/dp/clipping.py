@@ -12,6 +12,14 @@ activations and backprops the rules give per-example norms, hence clip coefficie
 
 With privacy unit = patient, a patient's examples are concatenated along the token axis before
 the rules run: the norm is then the norm of the patient's summed gradient, as the guarantee needs.
+
+The clipped sums are accumulated in fp32 whatever the parameters' dtype (a bf16 running sum drifts
+and can exceed the bound C); the privacy engine adds noise to them in fp32 and casts once.
+
+Two checks make the rules' assumptions hold, not just likely: a rule binds only to the forward it
+was written for (see rules.registry), and the first recorded forward is audited (every
+differentiable use of a trainable parameter must happen inside its own module's forward, where
+the rule sees it; peft's ParamWrapper, for one, reads LoRA factors outside their forward).
 """
 from __future__ import annotations
 
@@ -21,8 +29,17 @@ from typing import Iterator, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-from dpnotes.train.dp.rules import NormRule, UnsupportedParameterError, rule_for
+from dpnotes.train.dp.rules import (
+    NormRule,
+    UnsupportedParameterError,
+    flattens_tokens,
+    reads_children_directly,
+    rule_for,
+    why_no_rule,
+)
 
 ClippingMode = Literal["ghost", "bk"]
 NORM_FLOOR = 1e-6
@@ -34,6 +51,7 @@ class ClippedLayer:
     module: nn.Module
     rule: NormRule
     params: dict[str, nn.Parameter]
+    flat_tokens: bool = False  # an ancestor feeds it (B·T, d) batch-major (rules.register_flat_tokens)
     saved: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -62,6 +80,8 @@ def clipped_layers(model: nn.Module) -> list[ClippedLayer]:
     """
     owners: dict[int, list[str]] = {}
     layers, uncovered = [], []
+    flat_prefixes = _descendant_prefixes(model, flattens_tokens)
+    read_prefixes = _descendant_prefixes(model, lambda parent, child: reads_children_directly(parent))
     for module_name, module in model.named_modules():
         trainable = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         if not trainable:
@@ -69,10 +89,18 @@ def clipped_layers(model: nn.Module) -> list[ClippedLayer]:
         for param_name, param in trainable.items():
             owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
         rule = rule_for(module)
-        missing = [n for n in trainable if rule is None or n not in rule.param_names]
-        uncovered += [f"{module_name}.{n} ({type(module).__name__})".lstrip(".") for n in missing]
-        if rule is not None and not missing:
-            layers.append(ClippedLayer(module_name, module, rule, trainable))
+        reader = next((reader for prefix, reader in read_prefixes.items() if _is_under(module_name, prefix)), None)
+        missing = [n for n in trainable if rule is None or reader is not None or n not in rule.param_names]
+        if reader is not None:
+            reason = f"{type(reader).__name__} reads it without calling {type(module).__name__}"
+        elif rule is None:
+            reason = why_no_rule(module)
+        else:
+            reason = f"{type(module).__name__}'s rule has no such parameter"
+        uncovered += [f"{module_name}.{n} ({reason})".lstrip(".") for n in missing]
+        if not missing:
+            flat = any(_is_under(module_name, prefix) for prefix in flat_prefixes)
+            layers.append(ClippedLayer(module_name, module, rule, trainable, flat))
     if uncovered:
         raise UnsupportedParameterError(
             "no per-example clipping rule for trainable parameter(s): " + ", ".join(uncovered)
@@ -87,15 +115,92 @@ def clipped_layers(model: nn.Module) -> list[ClippedLayer]:
     return layers
 
 
-def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    return next(iter(kwargs.values()))
+def _descendant_prefixes(model: nn.Module, declared) -> dict[str, nn.Module]:
+    """{child's full name: parent} for every child whose parent's registration `declared(parent,
+    child_name)` covers it (the declaration then holds for everything under that child)."""
+    prefixes = {}
+    for name, parent in model.named_modules():
+        for child_name, _ in parent.named_children():
+            if declared(parent, child_name):
+                prefixes[f"{name}.{child_name}".lstrip(".")] = parent
+    return prefixes
+
+
+def _is_under(module_name: str, prefix: str) -> bool:
+    return module_name == prefix or module_name.startswith(prefix + ".")
+
+
+class ParameterUseAudit(TorchFunctionMode):
+    """Records every differentiable use of a bound trainable parameter made outside the forward of
+    the module that owns it: the rules would not see such a use, so the norm would miss it (and in
+    ghost mode its unclipped gradient would be written)."""
+
+    def __init__(self, layers: list[ClippedLayer]):
+        super().__init__()
+        self.owner = {id(p): layer for layer in layers for p in layer.params.values()}
+        self.running: list[nn.Module] = []
+        self.outside: dict[str, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if any(torch.is_tensor(r) and r.requires_grad for r in tree_flatten(result)[0]):
+            for value in tree_flatten((args, kwargs or {}))[0]:
+                layer = self.owner.get(id(value)) if isinstance(value, nn.Parameter) else None
+                if layer is not None and (not self.running or self.running[-1] is not layer.module):
+                    where = type(self.running[-1]).__name__ if self.running else "code outside any module"
+                    self.outside.setdefault(layer.name, f"{getattr(func, '__qualname__', func)} in {where}")
+        return result
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        def enter(module, args):
+            self.running.append(module)
+
+        def leave(module, args, output):
+            self.running.pop()
+
+        # Global module hooks: the innermost running module of any kind names where a use happened.
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(enter),
+            nn.modules.module.register_module_forward_hook(leave, always_call=True),
+        ]
+        try:
+            with self:
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.outside:
+            raise UnsupportedParameterError(
+                "trainable parameter(s) used outside the forward of the module that owns them, where no "
+                "per-example rule sees them: " + ", ".join(f"{name} ({how})" for name, how in sorted(self.outside.items()))
+                + ". Freeze them or train other modules (e.g. LoRA target_modules without these layers)."
+            )
 
 
 def _join_calls(per_call: list[torch.Tensor]) -> torch.Tensor:
     """Several calls of one module count as one longer sequence (their gradients add up)."""
     return per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=1)
+
+
+def _batch_major(layer: ClippedLayer, output: torch.Tensor, layer_input: torch.Tensor, batch_size: int):
+    """Give a call whose leading dimension is not the batch one example per row, or refuse.
+
+    Inputs shared by the batch (position ids of shape (1, T)) give an output that broadcasts later,
+    whose gradient would be summed over examples: it is expanded so each example keeps its own
+    backprop. Tokens flattened to (B·T, d) are regrouped, where the parent is known to flatten
+    batch-major (layer.flat_tokens).
+    """
+    rows = output.shape[0]
+    if rows == 1 and layer_input.shape[0] == 1:
+        return output.expand(batch_size, *output.shape[1:]), layer_input.expand(batch_size, *layer_input.shape[1:])
+    if layer.flat_tokens and rows % batch_size == 0 and layer_input.shape[0] == rows:
+        return output, layer_input.reshape(batch_size, rows // batch_size, *layer_input.shape[1:])
+    raise UnsupportedParameterError(
+        f"{layer.name} ({type(layer.module).__name__}): output leading dimension {rows} is neither the batch size "
+        f"{batch_size} nor 1, and its parent is not registered as flattening tokens batch-major "
+        "(rules.register_flat_tokens): cannot attribute its gradient to examples"
+    )
 
 
 def group_tokens(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -114,7 +219,8 @@ def group_tokens(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> t
 
 
 class PerExampleClipper:
-    """Clips each privacy unit's gradient to `max_grad_norm` and accumulates the sum in `.grad`."""
+    """Clips each privacy unit's gradient to `max_grad_norm` and accumulates the clipped sum, in
+    fp32 (fp64 for fp64 parameters), in `clipped_sums` (one tensor per parameter of `parameters`)."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, mode: ClippingMode = "bk"):
         if max_grad_norm <= 0:
@@ -127,21 +233,32 @@ class PerExampleClipper:
         self.layers = clipped_layers(model)
         if not self.layers:
             raise ValueError("the model has no trainable parameters")
+        self.audited = False
+        self.clipped_sums: list[torch.Tensor] = []
+        self.reset_sums()
 
     @property
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in layer.params.values()]
 
+    def reset_sums(self) -> None:
+        self.clipped_sums = [
+            torch.zeros(p.shape, device=p.device, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.parameters
+        ]
+
     @contextlib.contextmanager
     def recording(self, batch_size: int) -> Iterator[None]:
         """Record the forward passes of a batch of `batch_size` examples run inside (hooks are
-        removed on exit)."""
+        removed on exit). The first recording that reaches the model is also audited."""
         handles = [
             layer.module.register_forward_hook(self._recorder(layer, batch_size), with_kwargs=True)
             for layer in self.layers
         ]
+        audit = contextlib.nullcontext() if self.audited else ParameterUseAudit(self.layers).watching()
         try:
-            yield
+            with audit:
+                yield
+            self.audited = self.audited or any(layer.outputs for layer in self.layers)
         finally:
             for handle in handles:
                 handle.remove()
@@ -149,20 +266,16 @@ class PerExampleClipper:
     @staticmethod
     def _recorder(layer: ClippedLayer, batch_size: int):
         def record(module, args, kwargs, output):
-            if not (torch.is_tensor(output) and output.requires_grad):
+            if not torch.is_tensor(output):
+                raise UnsupportedParameterError(
+                    f"{layer.name} ({type(module).__name__}) returns {type(output).__name__}, not a tensor: its rule "
+                    "cannot see the gradient of its output"
+                )
+            if not output.requires_grad:
                 return None
-            layer_input = _layer_input(args, kwargs)
+            layer_input = layer.rule.layer_input(module, args, kwargs)
             if output.shape[0] != batch_size:
-                # Inputs shared by the batch (e.g. position ids of shape (1, T)) give an output that
-                # broadcasts later; its gradient would be summed over examples. Expand it here so
-                # each example keeps its own backprop.
-                if output.shape[0] != 1 or layer_input.shape[0] != 1:
-                    raise UnsupportedParameterError(
-                        f"{layer.name}: output batch dimension {output.shape[0]} is neither the batch size "
-                        f"{batch_size} nor 1; cannot attribute its gradient to examples"
-                    )
-                output = output.expand(batch_size, *output.shape[1:])
-                layer_input = layer_input.expand(batch_size, *layer_input.shape[1:])
+                output, layer_input = _batch_major(layer, output, layer_input, batch_size)
             layer.saved.append(layer.rule.capture(module, layer_input))
             layer.outputs.append(output)
             return output
@@ -175,7 +288,7 @@ class PerExampleClipper:
             layer.outputs.clear()
 
     def backward(self, losses: torch.Tensor, group_index: torch.Tensor | None = None) -> ClipResult:
-        """Clip and accumulate Σ_units c_u · grad_u into `.grad` for the forward recorded last.
+        """Clip and add Σ_units c_u · grad_u to `clipped_sums` for the forward recorded last.
 
         `losses`: (B,) per-example losses. `group_index`: (B,) privacy unit of each example in
         0..U-1 (None: each example is its own unit). Returns per-unit norms and coefficients.
@@ -196,22 +309,31 @@ class PerExampleClipper:
             ghost = accumulate and self.mode == "ghost"
             per_layer, norms, unit_coef, example_coef = self._norms(losses, group_index, retain_graph=ghost)
             if ghost:
-                (losses * example_coef.to(losses.dtype)).sum().backward()
+                self._ghost_backward(losses, example_coef)
             elif accumulate:
                 self._accumulate_clipped(per_layer, example_coef)
             return ClipResult(norms.detach(), unit_coef.detach())
         finally:
             self._release()
 
-    @staticmethod
-    def _accumulate_clipped(per_layer, example_coef: torch.Tensor) -> None:
+    def _ghost_backward(self, losses: torch.Tensor, example_coef: torch.Tensor) -> None:
+        """Second backward of Σ c_i L_i; its `.grad` is moved into the fp32 sums at once."""
+        params = self.parameters
+        for param in params:
+            param.grad = None
+        (losses * example_coef.to(losses.dtype)).sum().backward(inputs=params)
+        for param, total in zip(params, self.clipped_sums):
+            if param.grad is not None:
+                total.add_(param.grad)
+            param.grad = None
+
+    def _accumulate_clipped(self, per_layer, example_coef: torch.Tensor) -> None:
         """Book-keeping: Σ_b c_b · grad_b from the stored activations and backprops."""
+        index = {id(p): k for k, p in enumerate(self.parameters)}
         for layer, saved, grad_output in per_layer:
             grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
             for name, grad in grads.items():
-                param = layer.params[name]
-                grad = grad.to(param.dtype)
-                param.grad = grad if param.grad is None else param.grad.add_(grad)
+                self.clipped_sums[index[id(layer.params[name])]].add_(grad)
 
     def _norms(self, losses: torch.Tensor, group_index: torch.Tensor | None, retain_graph: bool):
         batch = losses.shape[0]

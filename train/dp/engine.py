@@ -7,7 +7,6 @@ and accountant states form the privacy state, which goes into every checkpoint.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -18,6 +17,7 @@ from torch import nn
 from dpnotes.train.dp.accounting import calibrate_noise_multiplier, check_privacy_params, make_accountant
 from dpnotes.train.dp.clipping import ClipResult, ClippingMode, PerExampleClipper
 from dpnotes.train.dp.noise import GaussianNoise
+from dpnotes.train.dp.randomness import SecretKeys, shared_keys
 from dpnotes.train.dp.sampling import PoissonSampler, pack_micro_batches, shard_units
 
 PrivacyUnit = Literal["sequence", "patient"]
@@ -36,7 +36,9 @@ class PrivacyConfig:
     privacy_unit: PrivacyUnit = "sequence"
     micro_batch_size: int = 8
     noise_multiplier: float | None = None  # set to skip calibration; ε is then what it gives
-    seed: int | None = None  # sampling and noise; None draws a secret one (see sampling.secret_generator)
+    # None (the default): secret 128-bit sampling and noise keys from OS entropy. An int derives the
+    # keys from it: for tests and audits only, and every result then says "not private: fixed seed".
+    seed: int | None = None
 
     def validated_delta(self, num_units: int) -> float:
         """Check the whole configuration against the number of privacy units; return δ."""
@@ -66,14 +68,7 @@ class StepStats:
     tokens: int
 
 
-def _shared_seed(seed: int | None) -> int:
-    """Same seed on every rank; a fresh secret one from rank 0 when none is given."""
-    value = secrets.randbits(63) if seed is None else seed
-    if dist.is_available() and dist.is_initialized():
-        box = torch.tensor([value], dtype=torch.int64)
-        dist.broadcast(box, src=0)
-        value = int(box.item())
-    return value
+NOT_PRIVATE = "not private: fixed seed"
 
 
 class PrivacyEngine:
@@ -100,11 +95,19 @@ class PrivacyEngine:
         self.delta = config.validated_delta(num_units)
         self.sample_rate = config.expected_batch_size / num_units
         self.noise_multiplier = self._noise_multiplier()
-        seed = _shared_seed(config.seed)
-        self.sampler = PoissonSampler(num_units, self.sample_rate, seed)
-        self.noise = GaussianNoise(self.noise_multiplier, config.max_grad_norm, seed + 1)
+        self._use_keys(shared_keys(config.seed))
         self.accountant = make_accountant(config.accountant)
         self.clipper = PerExampleClipper(model, config.max_grad_norm, config.clipping)
+
+    def _use_keys(self, keys: SecretKeys) -> None:
+        self.keys = keys
+        self.sampler = PoissonSampler(self.num_units, self.sample_rate, keys.sampling)
+        self.noise = GaussianNoise(self.noise_multiplier, self.config.max_grad_norm, keys.noise)
+
+    @property
+    def privacy_label(self) -> str | None:
+        """None when the randomness is secret; otherwise what every result must say."""
+        return None if self.keys.private else NOT_PRIVATE
 
     def _noise_multiplier(self) -> float:
         c = self.config
@@ -131,7 +134,8 @@ class PrivacyEngine:
         """Derived quantities to print at start and log."""
         return {
             **asdict(self.config),
-            "seed": "secret" if self.config.seed is None else self.config.seed,
+            "seed": "secret (128-bit keys from OS entropy)" if self.keys.private else self.keys.fixed_seed,
+            "private": self.keys.private,
             "privacy_units": self.num_units,
             "delta": self.delta,
             "sample_rate": self.sample_rate,
@@ -155,7 +159,7 @@ class PrivacyEngine:
     def micro_batches(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[list[int], torch.Tensor | None]]:
         """Sample the next logical batch and yield this rank's micro-batches as
         (example indices, unit index of each example within the micro-batch or None)."""
-        units = shard_units(self.sampler.sample(), rank, world_size)
+        units = shard_units(self.sampler.sample(self.steps_taken), rank, world_size)
         for examples, groups in pack_micro_batches(units.tolist(), self.examples_of_unit, self.config.micro_batch_size):
             yield examples, torch.tensor(groups) if self.examples_of_unit is not None else None
 
@@ -168,23 +172,22 @@ class PrivacyEngine:
         return losses.detach(), self.clipper.backward(losses, group_index)
 
     def privatize_gradients(self) -> None:
-        """Turn the accumulated clipped sums into the DP gradient, in place, on every rank.
+        """Turn the clipper's clipped sums into the DP gradient in `.grad`, on every rank.
 
-        Ranks sum their clipped sums; every rank then draws the same noise from the shared
-        generator (noise lands once per coordinate and replicas stay identical) and divides by
-        the expected logical batch size q·N (not the realised one, which is private).
+        Ranks sum their clipped sums; every rank then draws the same noise (the replicated stream
+        of this step: noise lands once per coordinate and replicas stay identical) and divides by
+        the expected logical batch size q·N (not the realised one, which is private). Sums and
+        noise are fp32; the result is cast to each parameter's dtype once.
         """
-        params = self.clipper.parameters
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
+        sums = self.clipper.clipped_sums
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for param in params:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-        self.noise.add_(param.grad for param in params)
+            for total in sums:
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        self.noise.add_(sums, step=self.steps_taken)
         scale = 1.0 / (self.sample_rate * self.num_units)
-        for param in params:
-            param.grad.mul_(scale)
+        for param, total in zip(self.clipper.parameters, sums):
+            param.grad = total.mul_(scale).to(param.dtype)
+        self.clipper.reset_sums()
         self.accountant.step(self.noise_multiplier, self.sample_rate)
 
     def private_gradients(
@@ -192,8 +195,7 @@ class PrivacyEngine:
     ) -> StepStats:
         """Sample a logical batch, clip it micro-batch by micro-batch and leave the DP gradient in
         `.grad` of the trainable parameters. `fetch(example_indices)` returns a collated batch."""
-        for param in self.clipper.parameters:
-            param.grad = None
+        self.clipper.reset_sums()
         examples = units = clipped = tokens = 0
         loss_sum = 0.0
         for indices, group_index in self.micro_batches(rank, world_size):
@@ -226,14 +228,15 @@ class PrivacyEngine:
     # ---- checkpointing (accelerate's register_for_checkpointing protocol) ---------------------
     def state_dict(self) -> dict:
         return {
-            "sampler": self.sampler.state_dict(),
-            "noise": self.noise.state_dict(),
+            "keys": self.keys.state_dict(),  # secret: checkpoints are secret material (docs/privacy.md)
             "accountant": self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "keys" not in state:
+            raise ValueError("checkpoint written by an older dpnotes (per-generator privacy state): start a new run")
         if not math.isclose(state["sample_rate"], self.sample_rate) or not math.isclose(
             state["noise_multiplier"], self.noise_multiplier
         ):
@@ -241,6 +244,5 @@ class PrivacyEngine:
                 "checkpoint was taken with q={sample_rate}, σ={noise_multiplier}; this run has "
                 f"q={self.sample_rate}, σ={self.noise_multiplier}: resuming would mis-account".format(**state)
             )
-        self.sampler.load_state_dict(state["sampler"])
-        self.noise.load_state_dict(state["noise"])
+        self._use_keys(SecretKeys.from_state(state["keys"]))
         self.accountant.load_state_dict(state["accountant"])

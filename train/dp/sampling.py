@@ -7,50 +7,37 @@ subsampled-Gaussian analysis assumes. Micro-batches bound memory whatever the lo
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Sequence
 
 import torch
 
-
-def secret_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded from OS entropy unless a seed is given (tests, audits).
-
-    Privacy amplification by sampling and the Gaussian mechanism both assume the adversary does
-    not know the random draws; a seed in a published config would reveal them.
-    """
-    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+from dpnotes.train.dp.randomness import stream
 
 
 class PoissonSampler:
-    """Draws logical batches of unit indices; its generator state is part of the privacy state.
+    """Draws the logical batch of each step from the secret sampling key's stream of that step.
 
-    Every rank builds it with the same seed, so all ranks agree on the logical batch.
+    Every rank holds the same key, so all ranks agree on the logical batch; the batch of a step is
+    a function of (key, step), so a resumed run samples what the uninterrupted run would have.
     """
 
-    def __init__(self, num_units: int, sample_rate: float, seed: int | None = None):
+    def __init__(self, num_units: int, sample_rate: float, key: int):
         if num_units <= 0:
             raise ValueError("cannot sample from an empty data set")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
         self.num_units = num_units
         self.sample_rate = sample_rate
-        self.generator = secret_generator(seed)
+        self.key = key
 
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.num_units
 
-    def sample(self) -> torch.Tensor:
-        """Sorted indices of the units in the next logical batch (possibly none)."""
-        keep = torch.rand(self.num_units, generator=self.generator) < self.sample_rate
-        return keep.nonzero().flatten()
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def sample(self, step: int) -> torch.Tensor:
+        """Sorted indices of the units in the logical batch of `step` (possibly none)."""
+        keep = stream(self.key, step).random(self.num_units) < self.sample_rate
+        return torch.from_numpy(keep.nonzero()[0])
 
 
 def shard_units(units: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -18,11 +18,12 @@ One logical step, on every rank:
    engine). DeepSpeed averages over the W ranks (and we pass scale_wrt_gas=False),
    so the reduced gradient is Σ_i c_i g_i / B_exp with B_exp = q·N, the global expected batch.
 4. `engine.step()`: the base optimizer DeepSpeed drives is a `ZeroNoiseOptimizer`, which adds
-   N(0, (σC/B_exp)²) to the gradient of every parameter it is asked to step, from a stream
-   specific to (step key, rank), then delegates to the wrapped torch optimizer. Under ZeRO-1/2/3
+   N(0, (σC/B_exp)²) to the gradient of every parameter it is asked to step, from the secret noise
+   key's stream of (step, rank), then delegates to the wrapped torch optimizer. Under ZeRO-1/2/3
    that optimizer only ever sees this rank's disjoint fp32 partition, so the noise lands exactly
-   once per coordinate with the full std. The step key is drawn from the privacy engine's shared
-   (checkpointed) noise generator, so resumed runs draw the same noise as uninterrupted ones.
+   once per coordinate with the full std. Streams of distinct (step, rank) never overlap and are
+   recomputed from the checkpointed key, so resumed runs draw the same noise as uninterrupted ones
+   (see randomness.py).
 
 ZeRO stage 0 (replicated gradients) is refused: use the DDP-style path (no DeepSpeed), whose
 shared-seed noise is the right scheme for replicas.
@@ -38,18 +39,13 @@ import torch.distributed as dist
 from torch import nn
 
 from dpnotes.train.dp.engine import LossFn, PrivacyEngine, StepStats
+from dpnotes.train.dp.randomness import collective_device, gaussian, stream
 
 
 def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def rank_stream(key: int, rank: int) -> torch.Generator:
-    """An independent CPU generator per (step key, rank)."""
-    words = np.random.SeedSequence([int(key), int(rank)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
 
 
 class ZeroNoiseOptimizer(torch.optim.Optimizer):
@@ -65,7 +61,7 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer):
         self.base = base
         self.defaults = base.defaults
-        self._stream: torch.Generator | None = None
+        self._stream: np.random.Generator | None = None
         self._std = 0.0
         self.noised_elements = 0  # coordinates noised since the last arm() (tests, audits)
 
@@ -86,7 +82,7 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         self.__dict__.update(state)
 
-    def arm(self, std: float, stream: torch.Generator) -> None:
+    def arm(self, std: float, stream: np.random.Generator) -> None:
         self._std, self._stream, self.noised_elements = float(std), stream, 0
 
     def disarm(self) -> None:
@@ -101,7 +97,7 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
                 for param in group["params"]:
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                    draw = torch.randn(param.grad.shape, generator=self._stream, dtype=torch.float32)
+                    draw = gaussian(self._stream, param.grad.shape)
                     param.grad.add_(draw.to(device=param.grad.device, dtype=param.grad.dtype), alpha=self._std)
                     self.noised_elements += param.grad.numel()
         return self.base.step(closure)
@@ -173,10 +169,10 @@ def _same_randomness():
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _all_reduce_max(value: int, device) -> int:
+def _all_reduce_max(value: int) -> int:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    box = torch.tensor([value], dtype=torch.int64, device=device)
+    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
 
@@ -199,9 +195,8 @@ class DeepSpeedDPStep:
     def step(self, fetch: Callable[[list[int]], dict], loss_fn: LossFn, rank: int, world_size: int) -> StepStats:
         engine, ds = self.engine, self.ds_engine
         local = list(engine.micro_batches(rank, world_size))
-        device = next(self.module.parameters()).device
         # At least one (zero-weight) pass even for an empty logical batch: the noise step still runs.
-        count = max(_all_reduce_max(len(local), device), 1)
+        count = max(_all_reduce_max(len(local)), 1)
         scale = world_size / self.expected_batch
         examples = units = clipped = tokens = 0
         loss_sum = 0.0
@@ -231,9 +226,8 @@ class DeepSpeedDPStep:
                 loss_sum += float(losses.detach().sum())
                 if "attention_mask" in batch:
                     tokens += int(batch["attention_mask"].sum())
-        # The step key comes from the shared, checkpointed noise generator; the stream is per rank.
-        key = int(torch.randint(0, 2**62, (1,), generator=engine.noise.generator))
-        self.optimizer.arm(self.noise_std, rank_stream(key, rank))
+        # Each rank noises its own partition from its own stream of this step.
+        self.optimizer.arm(self.noise_std, stream(engine.noise.key, engine.steps_taken, rank))
         try:
             ds.step()
         finally:

@@ -22,7 +22,8 @@ def weight_sq_norms(activations: torch.Tensor, backprops: torch.Tensor) -> torch
     return torch.bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
 
 
-@register_norm_rule(nn.Linear, Conv1D)
+# FalconLinear overrides forward with `input @ W.T (+ b)`: the same map as nn.Linear.
+@register_norm_rule(nn.Linear, Conv1D, "transformers.models.falcon.modeling_falcon.FalconLinear")
 class LinearRule(NormRule):
     def capture(self, module, layer_input):
         return as_tokens(layer_input.detach())

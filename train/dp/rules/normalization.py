@@ -1,8 +1,10 @@
 """LayerNorm and RMSNorm: y = w ⊙ n(x) (+ b), so grad_w(b) = Σ_t g_t ⊙ n(x_t) and grad_b(b) = Σ_t g_t.
 
 n(x) is recomputed from the input and the module's eps, never from the weight. The same holds for
-Gemma-style (1 + w) ⊙ n(x). RMSNorm classes are re-declared by every HF model family (LlamaRMSNorm,
-Qwen2RMSNorm, ...), so they are matched by structure rather than listed.
+Gemma-style (1 + w) ⊙ n(x). Every HF model family declares its own RMSNorm class: each one below
+was read (its forward is w ⊙ n(x) or (1 + w) ⊙ n(x) with n(x) = x / √(mean(x²) + eps) over the
+weight's shape) and is checked against the batch-size-1 oracle in tests/test_norm_rules.py. A
+family not listed is refused until it is added here and to that test.
 """
 from __future__ import annotations
 
@@ -48,16 +50,29 @@ class LayerNormRule(ElementwiseAffineRule):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__.endswith("RMSNorm")
-        and isinstance(weight, nn.Parameter)
-        and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+HF_RMS_NORMS = tuple(
+    f"transformers.models.{name}"
+    for name in (
+        "llama.modeling_llama.LlamaRMSNorm",
+        "qwen2.modeling_qwen2.Qwen2RMSNorm",
+        "qwen3.modeling_qwen3.Qwen3RMSNorm",
+        "mistral.modeling_mistral.MistralRMSNorm",
+        "mixtral.modeling_mixtral.MixtralRMSNorm",
+        "phi3.modeling_phi3.Phi3RMSNorm",
+        "olmo2.modeling_olmo2.Olmo2RMSNorm",
+        "qwen2_moe.modeling_qwen2_moe.Qwen2MoeRMSNorm",
+        "qwen3_moe.modeling_qwen3_moe.Qwen3MoeRMSNorm",
+        "olmoe.modeling_olmoe.OlmoeRMSNorm",
+        "smollm3.modeling_smollm3.SmolLM3RMSNorm",
+        "granite.modeling_granite.GraniteRMSNorm",
+        "gemma.modeling_gemma.GemmaRMSNorm",
+        "gemma2.modeling_gemma2.Gemma2RMSNorm",
+        "gemma3.modeling_gemma3.Gemma3RMSNorm",
     )
+)
 
 
-@register_norm_rule(nn.RMSNorm, matcher=_is_rms_norm)
+@register_norm_rule(nn.RMSNorm, *HF_RMS_NORMS)
 class RMSNormRule(ElementwiseAffineRule):
     param_names = ("weight",)
 

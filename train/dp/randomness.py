@@ -1,0 +1,90 @@
+"""Secret randomness of DP-SGD: 128-bit keys from OS entropy, counter-based streams.
+
+Whoever knows the draws can undo the mechanism: knowing the noise, subtract it; knowing the Poisson
+draws, lose the amplification by sampling. Hence:
+
+- Keys: 128 bits each from `secrets` (OS entropy), one for sampling and an independent one for
+  noise; never a default seed, never derived from a model seed. `SecretKeys.from_seed` (tests,
+  audits) derives both from a public seed, and everything trained with it says "not private".
+- Streams: numpy's Philox4x64 (counter-based, 128-bit key). The stream of (step, rank) starts at the
+  counter words (0, 0, step, rank) and only ever advances the two low words, so two streams of one
+  key could meet only after one of them drew 2^128 blocks: no (step, rank) pair repeats another's
+  draws, for any number of ranks and steps. (Seeding torch's CPU generator per (step, rank) keeps
+  32 bits, and 64 ranks × 3,000 steps would then repeat a stream about four times.)
+- State: the keys alone. A stream is a function of (key, step, rank), so a resumed run draws
+  exactly what the uninterrupted run would have drawn and never reuses a draw.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+KEY_BITS = 128
+REPLICATED = 2**64 - 1  # rank word of a stream that every rank draws identically (DDP-style noise)
+
+
+@dataclass(frozen=True)
+class SecretKeys:
+    sampling: int
+    noise: int
+    fixed_seed: int | None = None  # set when derived from a public seed: results are not private
+
+    @classmethod
+    def fresh(cls) -> SecretKeys:
+        return cls(secrets.randbits(KEY_BITS), secrets.randbits(KEY_BITS))
+
+    @classmethod
+    def from_seed(cls, seed: int) -> SecretKeys:
+        """Keys anyone can recompute from `seed`: for tests and audits only."""
+        words = np.random.SeedSequence(int(seed)).generate_state(8, dtype=np.uint32)
+        sampling, noise = (sum(int(w) << (32 * i) for i, w in enumerate(part)) for part in (words[:4], words[4:]))
+        return cls(sampling, noise, fixed_seed=int(seed))
+
+    @property
+    def private(self) -> bool:
+        return self.fixed_seed is None
+
+    def state_dict(self) -> dict:
+        # Strings: 128-bit integers do not fit the int64 of tensors or of some serialisers.
+        return {"sampling": str(self.sampling), "noise": str(self.noise), "fixed_seed": self.fixed_seed}
+
+    @classmethod
+    def from_state(cls, state: dict) -> SecretKeys:
+        return cls(int(state["sampling"]), int(state["noise"]), state["fixed_seed"])
+
+
+def shared_keys(seed: int | None) -> SecretKeys:
+    """The same keys on every rank: drawn (or derived) on rank 0 and broadcast."""
+    keys = SecretKeys.fresh() if seed is None else SecretKeys.from_seed(seed)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return keys
+    words = [(value >> (32 * i)) & 0xFFFFFFFF for value in (keys.sampling, keys.noise) for i in range(4)]
+    box = torch.tensor(words, dtype=torch.int64, device=collective_device())
+    dist.broadcast(box, src=0)
+    words = [int(w) for w in box.tolist()]
+    sampling, noise = (sum(w << (32 * i) for i, w in enumerate(part)) for part in (words[:4], words[4:]))
+    return SecretKeys(sampling, noise, keys.fixed_seed)
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def stream(key: int, step: int, rank: int = REPLICATED) -> np.random.Generator:
+    """The draws of (step, rank) under `key`; see the module docstring for why they never overlap."""
+    if not (0 <= step < 2**64 and 0 <= rank < 2**64):
+        raise ValueError(f"step and rank must fit 64 bits, got {step}, {rank}")
+    counter = np.array([0, 0, step, rank], dtype=np.uint64)  # a list would pass through int64 and wrap
+    return np.random.Generator(np.random.Philox(key=key, counter=counter))
+
+
+def gaussian(draws: np.random.Generator, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Standard normal fp32 CPU tensor of `shape` from the stream, in a fixed order."""
+    return torch.from_numpy(draws.standard_normal(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)).reshape(shape)
