@@ -8,4 +8,9 @@ packages = list(ROOTS)
 for name, folder in ROOTS.items():
     packages += [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=ROOTS)
+# Data-only folders (no __init__.py): listed as packages so their files ship, e.g. the public
+# MIMIC-III top-50 code list read through importlib.resources.
+packages += ["dpnotes.corpus.data"]
+PACKAGE_DATA = {"dpnotes.corpus.data": ["*.txt"]}
+
+setup(packages=packages, package_dir=ROOTS, package_data=PACKAGE_DATA)

@@ -3,7 +3,8 @@
 (a) Canary exposure (the "secret sharer", Carlini et al. 2019): the log-perplexity of each planted
     canary is ranked among N random candidates of the same format (same name, random MRN digits);
     exposure = log2(N + 1) − log2(rank), rank 1 = the canary is the most likely. Maximum
-    log2(N + 1) when memorised, ≈ 1 on average for an unexposed canary.
+    log2(N + 1) when memorised; an unexposed canary's rank is uniform on 1..N+1, so its exposure
+    averages log2(N + 1) − log2((N + 1)!)/(N + 1) → log2(e) ≈ 1.44 bits (Stirling).
 (b) Loss-based membership inference (Yeom et al. 2018): per-note mean token loss of training
     members vs held-out non-members → ROC AUC and TPR at 1% FPR (lower loss ⇒ "member").
 (c) Verbatim leakage of synthetic notes: longest common word substring with any training note,
@@ -133,13 +134,12 @@ def digit_candidates(secret: str, n: int, seed: int = 0) -> list[str]:
 def exposure_from_scores(canary_score: float, candidate_scores: Sequence[float]) -> tuple[int, float]:
     """(rank, exposure) of a canary among candidates by log-perplexity (lower = more likely).
 
-    rank = 1 + number of candidates strictly more likely (ties favour the canary's privacy: they
-    count half, rounded up); exposure = log2(N + 1) − log2(rank).
+    rank = 1 + number of candidates strictly more likely; exposure = log2(N + 1) − log2(rank).
+    Ties rank the canary first among its equals: a measure of leakage must not report less
+    exposure because the model cannot tell candidates apart.
     """
     scores = np.asarray(candidate_scores, dtype=float)
-    better = int((scores < canary_score).sum())
-    ties = int((scores == canary_score).sum())
-    rank = 1 + better + (ties + 1) // 2
+    rank = 1 + int((scores < canary_score).sum())
     return rank, math.log2(len(scores) + 1) - math.log2(rank)
 
 

@@ -205,3 +205,17 @@ def test_check_privacy_params_accepts_sane_values():
 def test_check_privacy_params_rejects(epsilon, delta, dataset_size, message):
     with pytest.raises(ValueError, match=message):
         check_privacy_params(epsilon, delta, dataset_size)
+
+
+@pytest.mark.parametrize(
+    "q,steps,sigma,delta,low,high",
+    [
+        (0.01, 1000, 0.586, 1e-5, 1.10, 1.20),  # long run, PLD ε ≈ 8
+        (0.025, 12, 0.387, 1 / 3200, 1.30, 1.40),  # the demo's 12 steps, PLD ε ≈ 8
+        (0.025, 12, 0.802, 1 / 3200, 1.65, 1.75),  # the same at PLD ε ≈ 1
+    ],
+)
+def test_documented_rdp_over_pld_gap(q, steps, sigma, delta, low, high):
+    """The RDP/PLD ratios stated in accounting.py's docstring."""
+    ratio = compute_epsilon(sigma, q, steps, delta, accountant="rdp") / compute_epsilon(sigma, q, steps, delta, accountant="pld")
+    assert low <= ratio <= high

@@ -80,7 +80,16 @@ def test_exposure_formula_by_hand():
     assert exposure_from_scores(1.0, [2.0, 3.0, 4.0]) == (1, 2.0)  # best of 4: log2(4) − log2(1)
     rank, exposure = exposure_from_scores(3.5, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
     assert rank == 4 and exposure == pytest.approx(math.log2(8) - 2)
-    assert exposure_from_scores(2.0, [2.0, 2.0, 1.0])[0] == 3  # 1 better + 2 ties counted half, rounded up
+    assert exposure_from_scores(2.0, [2.0, 2.0, 1.0])[0] == 2  # 1 better; ties never lower exposure
+    assert exposure_from_scores(5.0, [5.0] * 7) == (1, 3.0)  # all tied: as exposed as a memorised canary
+
+
+def test_unexposed_canary_averages_log2_e_bits():
+    """A canary the model knows nothing about is ranked uniformly among the N + 1 strings."""
+    n = 1000
+    scores = np.arange(n, dtype=float) + 0.5
+    mean = np.mean([exposure_from_scores(float(rank), scores)[1] for rank in range(n + 1)])
+    assert mean == pytest.approx(math.log2(math.e), abs=0.01)
 
 
 def test_digit_candidates():
