@@ -1,13 +1,15 @@
 """The training recipe end to end on a tiny LLaMA: outputs, derived quantities, and
 interrupted + resumed == uninterrupted (parameters and ε)."""
 import json
+import stat
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from dpnotes.train.dp.engine import PrivacyEngine
-from dpnotes.train.recipe import train
+from dpnotes.train.dp.engine import NOT_PRIVATE, PrivacyEngine
+from dpnotes.train.recipe import RUN_STAMP, CheckpointError, latest_checkpoint, train
 from dpnotes.train.run_config import load_config
 
 CONFIG = "train/configs/tiny_test.yaml"
@@ -26,6 +28,41 @@ def test_recipe_trains_and_writes_adapter_and_privacy_report(tmp_path, tiny_mode
     assert json.loads((out / "privacy_report.json").read_text())["epsilon"] == report["epsilon"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "checkpoints" / "latest").read_text() == "step_000004"
+    assert report["private"] is False and report["note"] == NOT_PRIVATE  # privacy.seed=5
+
+
+def test_checkpoints_hold_secret_keys_and_are_owner_only(tmp_path, tiny_model_dir):
+    _, out = run(tmp_path, tiny_model_dir, "run")
+    folder = out / "checkpoints"
+    for path in [folder, *folder.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_only_public_quantities_are_logged_outside_nonprivate(tmp_path, tiny_model_dir, monkeypatch):
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append(values))
+    run(tmp_path, tiny_model_dir, "run")
+    assert logged
+    for values in logged:
+        assert {k for k in values if not k.startswith("nonprivate/")} == {"epsilon", "noise_multiplier"}
+        assert "nonprivate/step_seconds" in values
+
+
+def test_resume_refuses_a_foreign_or_redirected_checkpoint(tmp_path, tiny_model_dir):
+    _, out = run(tmp_path, tiny_model_dir, "run")
+    config_hash = json.loads((out / "config.json").read_text())["config_hash"]
+    folder = out / "checkpoints"
+    assert latest_checkpoint(out, config_hash) == folder / "step_000004"
+    with pytest.raises(CheckpointError, match="belongs to configuration"):
+        latest_checkpoint(out, "0" * 16)
+    for pointer in ("../../elsewhere", "step_000004/../step_000002", "step_000099"):
+        (folder / "latest").write_text(pointer)
+        with pytest.raises(CheckpointError, match="not a step_NNNNNN folder"):
+            latest_checkpoint(out, config_hash)
+    (folder / "latest").write_text("step_000004")
+    (folder / "step_000004" / RUN_STAMP).unlink()  # a checkpoint copied in from elsewhere
+    with pytest.raises(CheckpointError, match="belongs to configuration None"):
+        latest_checkpoint(out, config_hash)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):

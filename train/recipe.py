@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from accelerate import Accelerator, PartialState
 
 from dpnotes.corpus import Note, generate_default_corpus, load_corpus, split_by_patient, validate_notes
 from dpnotes.models import load_causal_lm
-from dpnotes.train.dp.engine import PrivacyEngine
+from dpnotes.train.dp.engine import NOT_PRIVATE, PrivacyEngine
 from dpnotes.train.dp.losses import causal_lm_losses
 from dpnotes.train.dp.zero import DeepSpeedDPStep, is_deepspeed, prepare_deepspeed, save_trained
 from dpnotes.train.model_setup import count_trainable, prepare_trainable
@@ -84,20 +85,67 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    pointer = output_dir / CHECKPOINTS / "latest"
-    return output_dir / CHECKPOINTS / pointer.read_text().strip() if pointer.exists() else None
+STEP_FOLDER = re.compile(r"step_\d{6}")
+RUN_STAMP = "dpnotes_run.json"  # in every checkpoint: the config hash it belongs to
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+class CheckpointError(ValueError):
+    """A checkpoint that must not be resumed from (foreign run, tampered pointer)."""
+
+
+def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, after checking that the pointer names a sibling
+    step folder and that the checkpoint belongs to this run's configuration.
+
+    Resuming unpickles the checkpoint (accelerate/torch): run directories are trusted input.
+    These checks stop mistakes (a copied folder, a hand-edited pointer), not an attacker who can
+    write to the run directory.
+    """
+    folder = output_dir / CHECKPOINTS
+    pointer = folder / "latest"
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    if not STEP_FOLDER.fullmatch(name) or not (folder / name).is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, not a step_NNNNNN folder beside it: refusing to resume")
+    checkpoint = folder / name
+    stamp = checkpoint / RUN_STAMP
+    recorded = json.loads(stamp.read_text()).get("config_hash") if stamp.exists() else None
+    if recorded != config_hash:
+        raise CheckpointError(
+            f"{checkpoint} belongs to configuration {recorded}, not this run's {config_hash}: refusing to resume"
+        )
+    return checkpoint
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config_hash: str) -> None:
+    """Write the step's state, owner-only (it holds the secret sampling and noise keys), then move
+    the `latest` pointer."""
     name = f"step_{step:06d}"
-    accelerator.save_state(str(output_dir / CHECKPOINTS / name))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # The pointer moves only once the state is fully written: a crash mid-save keeps the old one.
-        tmp = output_dir / CHECKPOINTS / "latest.tmp"
-        tmp.write_text(name)
-        tmp.replace(output_dir / CHECKPOINTS / "latest")
+    folder = output_dir / CHECKPOINTS
+    previous = os.umask(0o077)  # everything written below is owner-only
+    try:
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(folder / name))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            restrict_to_owner(folder / name)  # in case a library set modes of its own
+            (folder / name / RUN_STAMP).write_text(json.dumps({"config_hash": config_hash, "step": step}))
+            # The pointer moves only once the state is fully written: a crash mid-save keeps the old one.
+            tmp = folder / "latest.tmp"
+            tmp.write_text(name)
+            tmp.replace(folder / "latest")
+    finally:
+        os.umask(previous)
+
+
+def restrict_to_owner(root: Path) -> None:
+    """chmod go-rwx below `root` (files a library wrote with its own modes included)."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode & 0o700)
 
 
 def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None:
@@ -119,6 +167,8 @@ def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None
 def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) -> dict:
     return {
         "epsilon": engine.epsilon(),
+        "private": engine.privacy_label is None,  # False: fixed seed, the noise can be recomputed
+        **({"note": engine.privacy_label} if engine.privacy_label else {}),
         "delta": engine.delta,
         "noise_multiplier": engine.noise_multiplier,
         "sample_rate": engine.sample_rate,
@@ -177,7 +227,10 @@ def train(config: TrainConfig) -> dict:
         f"trainable {trainable:,}/{total:,}"
     )
 
-    checkpoint = latest_checkpoint(output_dir)
+    if engine.privacy_label:
+        accelerator.print(f"WARNING: privacy.seed is set: {NOT_PRIVATE} (tests and audits only)")
+
+    checkpoint = latest_checkpoint(output_dir, config.fingerprint())
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {engine.steps_taken}, ε spent {engine.epsilon():.4g}")
@@ -198,8 +251,9 @@ def train(config: TrainConfig) -> dict:
             {
                 "epsilon": stats.epsilon,
                 "noise_multiplier": engine.noise_multiplier,
-                "step_seconds": elapsed,
-                # Computed from the sampled (private) batch; outside the DP guarantee.
+                # Computed from the sampled (private) batch, or timed on it (a step's work grows with
+                # the batch's size and lengths): outside the DP guarantee.
+                "nonprivate/step_seconds": elapsed,
                 "nonprivate/loss": stats.loss_sum / max(stats.examples, 1),
                 "nonprivate/clipped_fraction": stats.clipped_units / max(stats.units, 1),
                 "nonprivate/tokens_per_second": stats.tokens / elapsed,
@@ -208,10 +262,10 @@ def train(config: TrainConfig) -> dict:
         )
         more = engine.budget_allows_step()
         if step % config.save_every == 0 or not more:
-            save_checkpoint(accelerator, output_dir, step)
+            save_checkpoint(accelerator, output_dir, step, config.fingerprint())
         accelerator.print(
-            f"step {step}/{config.privacy.steps} ε={stats.epsilon:.4g} ({elapsed:.2f}s) "
-            f"[not private: loss {stats.loss_sum / max(stats.examples, 1):.3f}]"
+            f"step {step}/{config.privacy.steps} ε={stats.epsilon:.4g} "
+            f"[not private: loss {stats.loss_sum / max(stats.examples, 1):.3f}, {elapsed:.2f}s]"
         )
 
     report = privacy_report(engine, config, accelerator.num_processes)
