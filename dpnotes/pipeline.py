@@ -133,12 +133,14 @@ class Pipeline:
         manifest = read_json(out / MANIFEST)
         trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
         if (manifest and manifest["count"] == c.synthetic_count and len(read_done(out / NOTES)) == c.synthetic_count
-                and manifest["training"]["config_hash"] == trained.get("config_hash")):
+                and manifest["training"]["config_hash"] == trained.get("config_hash")
+                and "privacy_unit" in manifest["conditioning"]):  # older manifests added ε across units
             log(f"generate {epsilon_tag(epsilon)}: done, skipped")
             return manifest
         train_notes = self.splits["train"] if c.conditioning != "prior" else None
+        unit = trained.get("privacy_unit")  # the conditioning is released at the training unit
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
-                                        Path(c.prior_path) if c.prior_path else None, None)
+                                        Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
         log(f"generate {epsilon_tag(epsilon)}: {c.synthetic_count} notes with {c.generation_backend}")
         return synthesize(self.run_dir(epsilon) / "merged", out, c.synthetic_count, distribution,

@@ -48,6 +48,7 @@ def collect(root: Path, epsilons: list[float]) -> dict:
             "sample_rate": training.get("sample_rate"),
             "steps": training.get("steps"),
             "total_epsilon_with_conditioning": manifest.get("total_epsilon"),
+            "privacy_unit": manifest.get("privacy_unit", training.get("privacy_unit")),
             "synthetic_micro_f1": synthetic.get("metrics", {}).get("micro_f1"),
             "synthetic_micro_f1_ci": synthetic.get("ci", {}).get("micro_f1"),
             "real_plus_synthetic_micro_f1": coders.get("real+synthetic", {}).get("metrics", {}).get("micro_f1"),
@@ -137,7 +138,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-TABLE_COLUMNS = ["target_epsilon", "epsilon_spent", "total_epsilon_with_conditioning", "noise_multiplier", "steps",
+TABLE_COLUMNS = ["target_epsilon", "epsilon_spent", "total_epsilon_with_conditioning", "privacy_unit", "noise_multiplier", "steps",
                  "synthetic_micro_f1", "synthetic_micro_f1_ci", "mean_exposure", "mean_nonmember_exposure", "mia_auc",
                  "canaries_in_synthetic", "max_verbatim_words"]
 
@@ -166,7 +167,8 @@ def write_report(root: Path, config) -> Path:
     dp = summary["baselines"].get("dp_coder", {}).get("by_epsilon", {})
     lines = ["# dpnotes study report", "",
              "Synthetic notes are not clinical data. ε is the accountant's guarantee for the generator's "
-             "weights; `total_epsilon_with_conditioning` adds the DP release of the code-set histogram.", "",
+             "weights; `total_epsilon_with_conditioning` adds the DP release of the code statistics (basic "
+             "composition), both at the same `privacy_unit` (patient or sequence = one note).", "",
              *table, "",
              f"Coder trained on real notes (no privacy): micro-F1 {_fmt(real)}.",
              "DP-LoRA coder trained on real notes: " + ", ".join(
@@ -234,9 +236,9 @@ def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="dpnotes study")
-    for column in ("ε target", "ε spent", "ε total", "synthetic-coder F1", "mean exposure", "MIA AUC"):
+    for column in ("ε target", "ε spent", "ε total", "unit", "synthetic-coder F1", "mean exposure", "MIA AUC"):
         table.add_column(column)
     for r in summary["runs"]:
         table.add_row(*(_fmt(r[c]) for c in ("target_epsilon", "epsilon_spent", "total_epsilon_with_conditioning",
-                                               "synthetic_micro_f1", "mean_exposure", "mia_auc")))
+                                               "privacy_unit", "synthetic_micro_f1", "mean_exposure", "mia_auc")))
     Console().print(table)

@@ -196,11 +196,15 @@ def cmd_coders(args) -> dict:
 def cmd_dp_classifier(args) -> dict:
     from dpnotes.eval.dp_classifier import dp_epsilon_sweep, parse_epsilon
 
+    from dpnotes.corpus.code_lists import public_label_space
+
+    labels = public_label_space(args.labels, args.corpus or args.train)  # before any work
     train, dev, test = splits_from_args(args)
     epsilons = [parse_epsilon(e) for e in args.epsilons.split(",") if e.strip()]
     if not epsilons:
         raise CLIError("--epsilons is empty")
-    sweep = dp_epsilon_sweep(train, dev, test, epsilons, n_bootstrap=args.bootstrap, seed=args.seed,
+    sweep = dp_epsilon_sweep(train, dev, test, labels, epsilons, n_bootstrap=args.bootstrap, seed=args.seed,
+                             privacy_seed=args.privacy_seed,
                              log=lambda message: print(message, file=sys.stderr), model=args.model, steps=args.steps,
                              expected_batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                              max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit)
@@ -209,7 +213,10 @@ def cmd_dp_classifier(args) -> dict:
         p = r["privacy"]
         rows.append([eps, p["epsilon_spent"], p["noise_multiplier"], p["steps_taken"], r["metrics"]["weighted_f1"],
                      r.get("ci", {}).get("weighted_f1", "-"), r["metrics"]["micro_f1"], r["metrics"]["macro_f1"]])
-    print_table(f"DP-LoRA classifier (n_train={len(train)}, n_test={len(test)})",
+    title = f"DP-LoRA classifier (n_train={len(train)}, n_test={len(test)}, {len(labels)} public labels)"
+    if args.privacy_seed is not None:
+        title += " — NOT PRIVATE: fixed seed"
+    print_table(title,
                 ["target ε", "ε spent", "σ", "steps", "weighted-F1", "95% CI", "micro-F1", "macro-F1"], rows)
     return {"command": "dp-classifier", **sweep}
 
@@ -337,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--max-length", type=int, default=128)
     dp.add_argument("--max-grad-norm", type=float, default=1.0)
     dp.add_argument("--privacy-unit", choices=("patient", "sequence"), default="patient")
+    dp.add_argument("--labels", help="public label list: a file (one code per line) or a shipped list name "
+                                     "(default: the public list of --corpus's kind)")
+    dp.add_argument("--privacy-seed", type=int, help="fixed sampling/noise seed: tests and audits only, NOT private")
     dp.set_defaults(func=cmd_dp_classifier)
 
     priv = sub.add_parser("privacy", help="canary exposure, membership inference, verbatim leakage, one-run audit")

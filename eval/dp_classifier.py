@@ -6,6 +6,12 @@ per-example clipping, Poisson sampling, calibrated noise) at a target ε.
 ε-sweep isolates the effect of noise. The privacy unit is the patient by default (all notes of a
 patient are one unit), the project's convention.
 
+What the trained coder releases besides its DP weights is public by construction: the label space
+(head width and label list) is a public list (dpnotes.corpus.code_lists), never the codes found in
+the training notes, which would reveal rare codes; the model seed only initialises weights, while
+sampling and noise use secret keys (a fixed `privacy_seed` is for tests and audits and marks the
+result "not private: fixed seed").
+
 `DPLoRACoder` implements the `Coder` interface, so it is scored by `evaluate_coder` exactly like
 the non-private coders; `dp_epsilon_sweep` runs it at several ε and reports weighted-F1 per ε.
 """
@@ -18,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from dpnotes.eval.coders import Coder, EvalInputError, _require_notes, evaluate_coder
+from dpnotes.eval.metrics import binarize
 from torch import nn
 
 from dpnotes.corpus.schema import Note
-from dpnotes.eval.coders import Coder, _require_notes, evaluate_coder, label_space
 
 DEFAULT_EPSILONS = (0.01, 0.1, 1.0, 10.0, math.inf)
 
@@ -51,6 +58,7 @@ class DPLoRACoder(Coder):
     def __init__(
         self,
         epsilon: float,
+        labels: Sequence[str],
         model: str | ModelFactory = "minilm",
         delta: float | None = None,
         steps: int = 100,
@@ -66,13 +74,17 @@ class DPLoRACoder(Coder):
         clipping: str = "bk",
         head_bias_init: float | None = -3.0,
         seed: int = 0,
+        privacy_seed: int | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        self.epsilon, self.model_spec, self.delta = epsilon, model, delta
+        if not labels:
+            raise EvalInputError("the DP coder needs a public label list (dpnotes.corpus.code_lists)")
+        self.epsilon, self.public_labels, self.model_spec, self.delta = epsilon, sorted(set(labels)), model, delta
         self.steps, self.expected_batch_size, self.micro_batch_size = steps, expected_batch_size, micro_batch_size
         self.max_grad_norm, self.lr, self.lora_r, self.lora_alpha = max_grad_norm, lr, lora_r, lora_alpha
         self.target_modules, self.max_length = list(target_modules), max_length
-        self.privacy_unit, self.clipping, self.seed = privacy_unit, clipping, seed
+        self.privacy_unit, self.clipping = privacy_unit, clipping
+        self.seed, self.privacy_seed = seed, privacy_seed  # model initialisation; sampling and noise (None: secret)
         self.head_bias_init = head_bias_init
         self.log = log or (lambda message: None)
 
@@ -97,7 +109,11 @@ class DPLoRACoder(Coder):
         from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
         from dpnotes.train.dp.losses import multilabel_classification_losses
 
-        y_train, _ = self._set_labels(train, dev)
+        _require_notes(train, "train")
+        self.labels = self.public_labels
+        y_train = binarize([n.codes for n in train], self.labels)
+        if not y_train.any():
+            raise EvalInputError("no training note carries a code of the public label list")
         self.model_, self.tokenizer = self._build(len(self.labels))
         encoded = self.tokenizer([n.text for n in train], padding="longest", truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
@@ -122,7 +138,8 @@ class DPLoRACoder(Coder):
         config = PrivacyConfig(
             target_epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_grad_norm,
             expected_batch_size=min(self.expected_batch_size, num_units), steps=self.steps,
-            micro_batch_size=self.micro_batch_size, clipping=self.clipping, privacy_unit=self.privacy_unit, seed=self.seed,
+            micro_batch_size=self.micro_batch_size, clipping=self.clipping, privacy_unit=self.privacy_unit,
+            seed=self.privacy_seed,
         )
         self.model_.train()
         engine = PrivacyEngine(self.model_, config, num_units, examples_of_unit)
@@ -130,12 +147,14 @@ class DPLoRACoder(Coder):
         optimizer = torch.optim.Adam(trainable, lr=self.lr)
         started = time.perf_counter()
         losses = []
-        while engine.budget_allows_step():
-            stats = engine.step(self.model_, optimizer, fetch, multilabel_classification_losses)
-            if stats.examples:
-                losses.append(stats.loss_sum / stats.examples)
-            if engine.steps_taken % 10 == 0:
-                self.log(f"ε={self.epsilon} step {engine.steps_taken}/{self.steps} [not private: loss {np.mean(losses[-10:]) if losses else float('nan'):.4f}]")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # dropout masks: public randomness, like initialisation
+            while engine.budget_allows_step():
+                stats = engine.step(self.model_, optimizer, fetch, multilabel_classification_losses)
+                if stats.examples:
+                    losses.append(stats.loss_sum / stats.examples)
+                if engine.steps_taken % 10 == 0:
+                    self.log(f"ε={self.epsilon} step {engine.steps_taken}/{self.steps} [not private: loss {np.mean(losses[-10:]) if losses else float('nan'):.4f}]")
         self.model_.eval()
         summary = engine.summary()
         self.privacy_ = {
@@ -143,8 +162,11 @@ class DPLoRACoder(Coder):
             "noise_multiplier": engine.noise_multiplier, "sample_rate": engine.sample_rate,
             "steps_taken": engine.steps_taken, "steps_planned": self.steps, "privacy_units": num_units,
             "privacy_unit": self.privacy_unit, "max_grad_norm": self.max_grad_norm,
-            "expected_batch_size": summary["expected_batch_size"], "train_seconds": time.perf_counter() - started,
-            # Private-data statistic, not covered by DP: for trusted logs only.
+            "expected_batch_size": summary["expected_batch_size"], "private": engine.privacy_label is None,
+            **({"note": engine.privacy_label} if engine.privacy_label else {}),
+            "labels": len(self.labels),
+            # Measured on the private batches, not covered by DP: for trusted logs only.
+            "train_seconds_nonprivate": time.perf_counter() - started,
             "final_train_loss_nonprivate": float(np.mean(losses[-10:])) if losses else None,
         }
         return self
@@ -166,13 +188,15 @@ def dp_epsilon_sweep(
     train: Sequence[Note],
     dev: Sequence[Note],
     test: Sequence[Note],
+    labels: Sequence[str],
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     n_bootstrap: int = 1000,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     **coder_options,
 ) -> dict:
-    """Train one DP-LoRA classifier per ε; weighted-F1 (and the rest) on real test notes.
+    """Train one DP-LoRA classifier per ε over the public `labels`; weighted-F1 (and the rest) on
+    real test notes. `seed` seeds model initialisation and the bootstrap, never the privacy keys.
 
     Returns {"by_epsilon": {str(ε): result}, "weighted_f1": {str(ε): value}} where each result is
     `evaluate_coder`'s dict plus a "privacy" entry.
@@ -181,11 +205,10 @@ def dp_epsilon_sweep(
         _require_notes(notes, name)
     if not epsilons:
         raise ValueError("no epsilon given")
-    labels = label_space(train, dev)
     results = {}
     for epsilon in epsilons:
-        coder = DPLoRACoder(epsilon, seed=seed, log=log, **coder_options)
-        result = evaluate_coder(coder, train, dev, test, labels=labels, n_bootstrap=n_bootstrap, seed=seed)
+        coder = DPLoRACoder(epsilon, labels, seed=seed, log=log, **coder_options)
+        result = evaluate_coder(coder, train, dev, test, n_bootstrap=n_bootstrap, seed=seed)
         result["privacy"] = coder.privacy_
         results[format_epsilon(epsilon)] = result
         if log:

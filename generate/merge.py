@@ -38,7 +38,10 @@ Causal LM fine-tuned with differentially private LoRA by dpnotes, adapter merged
 | training config hash | {config_hash} |
 
 The guarantee covers the weights (and anything generated from them) with respect to the training
-notes, at the privacy unit above. Control codes used to prompt generation are accounted separately.
+notes, at the privacy unit above. Control codes used to prompt generation, if released from the
+training notes (dp-histogram, dp-marginals), are released and accounted at the same privacy unit
+({privacy_unit}); their (ε, δ) and the total with the weights' (basic composition) are reported in
+the synthetic notes' manifest.json. A public prior costs nothing.
 """
 
 

@@ -6,6 +6,11 @@
 Resumable: notes already in OUT/notes.jsonl are kept and only missing indices are generated; the
 released code-set distribution is saved once (OUT/conditioning.json) so resuming never spends its
 budget again.
+
+The code statistics are released at the training run's privacy unit (`privacy_unit` of its
+privacy_report.json), and the manifest adds the two guarantees (basic composition) only at one
+common unit: a conditioning released at another unit than the training is refused before anything
+is generated. A prior costs nothing and goes with any unit.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from tqdm import tqdm
 from dpnotes.corpus import Note, validate_notes
 from dpnotes.generate.backends import SamplingConfig, make_backend
 from dpnotes.generate.conditioning import (
+    PRIVACY_UNITS,
     CodeSetDistribution,
+    check_privacy_unit,
+    count_units,
     dp_code_marginals,
     dp_code_set_histogram,
     prior_distribution,
@@ -31,14 +39,31 @@ from dpnotes.prompting import note_prompt
 NOTES = "notes.jsonl"
 CONDITIONING = "conditioning.json"
 MANIFEST = "manifest.json"
+PRIVACY_REPORT = "privacy_report.json"
 DP_RELEASES = {"dp-histogram": dp_code_set_histogram, "dp-marginals": dp_code_marginals}
 
 
+def training_report(*folders: Path | None) -> dict:
+    """The privacy report of the first folder (merged model, training run) that has one; {} if none."""
+    for folder in folders:
+        if folder is not None and (Path(folder) / PRIVACY_REPORT).exists():
+            return json.loads((Path(folder) / PRIVACY_REPORT).read_text())
+    return {}
+
+
 def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None, epsilon: float, delta: float | None,
-                     prior: Path | None, seed: int | None) -> CodeSetDistribution:
+                     prior: Path | None, seed: int | None, *, privacy_unit: str | None) -> CodeSetDistribution:
+    """The code-set distribution saved in out_dir, else a new release: a DP one at `privacy_unit`
+    (the training run's unit; δ defaults to 1/(10·N) with N units of that kind), or a prior."""
     saved = out_dir / CONDITIONING
     if saved.exists():
-        return CodeSetDistribution.load(saved)
+        distribution = CodeSetDistribution.load(saved)
+        if not distribution.free and distribution.privacy_unit != privacy_unit:
+            raise ValueError(
+                f"{saved} was released at privacy unit {distribution.privacy_unit!r}, not at the training unit "
+                f"{privacy_unit!r}: guarantees of different units cannot be added; use another --out"
+            )
+        return distribution
     if source == "prior":
         if prior is None:
             raise ValueError("--conditioning prior needs --prior FILE")
@@ -46,8 +71,13 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
     elif source in DP_RELEASES:
         if not train_notes:
             raise ValueError(f"--conditioning {source} needs the training notes (--run)")
-        patients = len({n.patient_id for n in train_notes})
-        distribution = DP_RELEASES[source](train_notes, epsilon, delta or 1 / (10 * patients), seed=seed)
+        if privacy_unit is None:
+            raise ValueError(f"--conditioning {source} is released at the training run's privacy unit, and none was "
+                             f"given (its {PRIVACY_REPORT} records none)")
+        check_privacy_unit(privacy_unit)
+        units = count_units(train_notes, privacy_unit)
+        distribution = DP_RELEASES[source](train_notes, epsilon, delta or 1 / (10 * units), seed=seed,
+                                           privacy_unit=privacy_unit)
     else:
         raise ValueError(f"unknown conditioning {source!r}: {', '.join(DP_RELEASES)} or prior")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +98,29 @@ def read_done(path: Path) -> dict[int, dict]:
     return done
 
 
+def compose(training: dict, distribution: CodeSetDistribution) -> dict:
+    """Total (ε, δ) of weights + conditioning by basic composition, at their common privacy unit.
+
+    Raises ValueError when both are DP guarantees of different (or unknown) units: they bound
+    different neighbouring relations and are never added. Without a training report the weights
+    carry no guarantee (ε = ∞ at every unit, δ undefined).
+    """
+    unit = training.get("privacy_unit")
+    if not training:
+        return {"privacy_unit": None, "total_epsilon": math.inf, "total_delta": None}
+    if distribution.free:
+        return {"privacy_unit": unit, "total_epsilon": training.get("epsilon", math.inf),
+                "total_delta": training.get("delta")}
+    if distribution.privacy_unit != unit:
+        raise ValueError(
+            f"the conditioning ({distribution.source}) was released at privacy unit {distribution.privacy_unit!r} "
+            f"but the model was trained at {unit!r}: guarantees of different units cannot be added; release the "
+            f"conditioning at the training unit"
+        )
+    return {"privacy_unit": unit, "total_epsilon": training.get("epsilon", math.inf) + distribution.epsilon,
+            "total_delta": (training.get("delta") or 0.0) + distribution.delta}
+
+
 def synthesize(
     model_dir: Path,
     out_dir: Path,
@@ -79,6 +132,8 @@ def synthesize(
     backend_options: dict | None = None,
 ) -> dict:
     sampling = sampling or SamplingConfig()
+    training = training_report(model_dir)
+    total = compose(training, distribution)  # refuses mismatched units before anything is generated
     out_dir.mkdir(parents=True, exist_ok=True)
     code_sets = distribution.sample(count, seed)
     notes_path = out_dir / NOTES
@@ -103,8 +158,6 @@ def synthesize(
                 written += 1
                 bar.update(1)
     elapsed = time.perf_counter() - start_time
-    training = json.loads((model_dir / "privacy_report.json").read_text()) if (model_dir / "privacy_report.json").exists() else {}
-    train_eps = training.get("epsilon", math.inf)
     manifest = {
         "model": str(model_dir),
         "backend": backend,
@@ -117,10 +170,10 @@ def synthesize(
         "tokens_per_second": new_tokens / elapsed if elapsed > 0 and new_tokens else None,
         "conditioning": {"source": distribution.source, "epsilon": distribution.epsilon, "delta": distribution.delta,
                          "noise_std": distribution.noise_std, "threshold": distribution.threshold,
-                         "released_code_sets": len(distribution.weights)},
-        "training": {k: training.get(k) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "config_hash")},
-        "total_epsilon": train_eps + distribution.epsilon,
-        "total_delta": (training.get("delta") or 0.0) + distribution.delta,
+                         "released_code_sets": len(distribution.weights), "privacy_unit": distribution.privacy_unit},
+        "training": {k: training.get(k) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
+                                                  "privacy_unit", "privacy_units", "config_hash")},
+        **total,  # privacy_unit, total_epsilon, total_delta: basic composition at one common unit
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
@@ -153,12 +206,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     train_notes = None
+    unit = training_report(args.model, args.run).get("privacy_unit")
     if args.conditioning in DP_RELEASES:
         if args.run is None:
             parser.error(f"--conditioning {args.conditioning} needs --run (the training output_dir)")
+        if unit not in PRIVACY_UNITS:
+            parser.error(f"--conditioning {args.conditioning} is released at the training privacy unit, but "
+                         f"{args.model}/{PRIVACY_REPORT} (or the run's) records none")
         train_notes = load_training_notes(config_of_run(args.run))
     distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
-                                    args.conditioning_delta, args.prior, None)
+                                    args.conditioning_delta, args.prior, None, privacy_unit=unit)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, batch_size=args.batch_size)
     print(json.dumps(synthesize(args.model, args.out, args.count, distribution, args.backend, sampling, args.seed), indent=2))
 

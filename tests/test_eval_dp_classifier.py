@@ -2,14 +2,17 @@
 import math
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from dpnotes.corpus import generate_default_corpus, split_by_patient
-from dpnotes.eval.coders import label_space
+from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
+from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.eval.dp_classifier import DPLoRACoder, dp_epsilon_sweep, format_epsilon, parse_epsilon
 from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert
+from dpnotes.train.dp.engine import NOT_PRIVATE
 
+LABELS = public_label_space(None, "default")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def setup():
 
 def test_sweep_reports_weighted_f1_and_privacy_per_epsilon(setup):
     splits, factory = setup
-    out = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], epsilons=[1.0, math.inf], n_bootstrap=0,
+    out = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], LABELS, epsilons=[1.0, math.inf], n_bootstrap=0,
                            model=factory, steps=2, expected_batch_size=8, micro_batch_size=16, max_length=32, lora_r=4)
     assert list(out["weighted_f1"]) == ["1", "inf"]
     assert all(0 <= v <= 1 for v in out["weighted_f1"].values())
@@ -36,10 +39,9 @@ def test_sweep_reports_weighted_f1_and_privacy_per_epsilon(setup):
 
 def test_only_lora_and_classifier_are_trained(setup):
     splits, factory = setup
-    coder = DPLoRACoder(math.inf, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_r=2,
+    coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_r=2,
                         privacy_unit="sequence")
-    num_labels = len(label_space(splits["train"], splits["dev"]))
-    before = {n: p.detach().clone() for n, p in coder._build(num_labels)[0].named_parameters()}
+    before = {n: p.detach().clone() for n, p in coder._build(len(LABELS))[0].named_parameters()}
     head_biases = [v for n, v in before.items() if "classifier" in n and n.endswith("bias")]
     assert head_biases and all((b == -3.0).all() for b in head_biases)  # data-independent rare-code prior
     coder.fit(splits["train"], splits["dev"])
@@ -50,6 +52,37 @@ def test_only_lora_and_classifier_are_trained(setup):
     assert changed and changed <= trainable
     assert coder.predict_proba(splits["test"]).shape == (len(splits["test"]), len(coder.labels))
     assert coder.privacy_["privacy_units"] == len(splits["train"])
+
+
+def test_model_seed_is_not_the_privacy_seed(setup):
+    """Same model seed (default 0), finite ε: secret keys differ, so the noise and the weights do."""
+    splits, factory = setup
+
+    def fit(**privacy):
+        coder = DPLoRACoder(1.0, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_r=2,
+                            **privacy)
+        coder.fit(splits["train"], splits["dev"])
+        return coder, [p.detach().clone() for p in coder.model_.parameters() if p.requires_grad]
+
+    (first, a), (second, b) = fit(), fit()
+    assert first.privacy_["private"] and "note" not in first.privacy_
+    assert any(not torch.equal(x, y) for x, y in zip(a, b))
+    (audit, c), (again, d) = fit(privacy_seed=11), fit(privacy_seed=11)
+    assert audit.privacy_["private"] is False and audit.privacy_["note"] == NOT_PRIVATE
+    assert all(torch.equal(x, y) for x, y in zip(c, d))  # the audit option reproduces the noise
+
+
+def test_label_space_is_the_public_list_not_the_training_codes(setup):
+    """A code only the training notes carry must not widen the head or appear in the labels."""
+    splits, factory = setup
+    train = list(splits["train"])
+    rare = train[0]
+    train[0] = Note(rare.id, rare.patient_id, rare.text, [*rare.codes, "Z99.RARE"], rare.metadata)
+    coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=1, expected_batch_size=8, max_length=32, lora_r=2)
+    coder.fit(train, splits["dev"])
+    assert coder.labels == LABELS and "Z99.RARE" not in coder.labels
+    assert coder.predict_proba(splits["test"][:2]).shape == (2, len(LABELS))
+    assert coder.privacy_["labels"] == len(LABELS)
 
 
 def test_epsilon_parsing():

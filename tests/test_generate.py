@@ -12,9 +12,15 @@ from transformers import AutoModelForCausalLM
 
 from dpnotes.corpus import Note, generate_default_corpus
 from dpnotes.generate.backends import SamplingConfig, make_backend
-from dpnotes.generate.conditioning import CodeSetDistribution, dp_code_set_histogram, prior_distribution
+from dpnotes.generate.conditioning import (
+    CodeSetDistribution,
+    dp_code_marginals,
+    dp_code_set_histogram,
+    prior_distribution,
+    unit_contributions,
+)
 from dpnotes.generate.merge import merge_run
-from dpnotes.generate.synthesize import NOTES, load_synthetic, synthesize
+from dpnotes.generate.synthesize import CONDITIONING, MANIFEST, NOTES, conditioning_for, load_synthetic, synthesize
 from dpnotes.prompting import codes_from_prompt, note_prompt
 from dpnotes.train.dp.accounting import compute_epsilon
 
@@ -48,6 +54,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(run_dir, merged_dir,
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
     card = (merged_dir / "README.md").read_text()
     assert "| ε | 3.2 |" in card and "| training config hash | abc |" in card
+    assert "accounted at the same privacy unit\n(patient)" in card and "manifest.json" in card
     assert (merged_dir / "model.safetensors").exists()
 
 
@@ -69,37 +76,94 @@ def notes_with_code_sets(sets_and_counts):
 
 def test_dp_histogram_spends_its_epsilon_and_respects_the_threshold():
     notes = notes_with_code_sets({"I10": 400, "E11.9; I10": 250, **{f"Z{i:02d}": 1 for i in range(200)}})
-    distribution = dp_code_set_histogram(notes, epsilon=1.0, delta=1e-4, seed=0)
+    distribution = dp_code_set_histogram(notes, epsilon=1.0, delta=1e-4, seed=0, privacy_unit="patient")
     assert distribution.epsilon == pytest.approx(1.0, rel=0.01)
     assert distribution.epsilon <= 1.0 + 1e-9
     assert compute_epsilon(distribution.noise_std, 1.0, 1, 0.5e-4, "pld") == pytest.approx(distribution.epsilon, rel=1e-6)
     assert set(distribution.weights) == {"I10", "E11.9; I10"}  # the 200 singletons never clear the threshold
     assert all(count >= distribution.threshold for count in distribution.weights.values())
     assert distribution.threshold > 1 + 3 * distribution.noise_std
-    raised = dp_code_set_histogram(notes, epsilon=1.0, delta=1e-4, min_count=300, seed=0)
+    raised = dp_code_set_histogram(notes, epsilon=1.0, delta=1e-4, min_count=300, seed=0, privacy_unit="patient")
     assert set(raised.weights) == {"I10"}
 
 
 def test_dp_histogram_counts_a_patient_once():
     notes = [Note(f"n{i}", "same-patient", "t", ["I10"]) for i in range(500)]
-    distribution = dp_code_set_histogram(notes + notes_with_code_sets({"E11.9": 300}), 1.0, 1e-4, seed=0)
-    assert "I10" not in distribution.weights
+    distribution = dp_code_set_histogram(notes + notes_with_code_sets({"E11.9": 300}), 1.0, 1e-4, seed=0,
+                                         privacy_unit="patient")
+    assert "I10" not in distribution.weights and distribution.privacy_unit == "patient"
+
+
+def patients_with_three_notes(patients):
+    """Each patient: 3 notes with 3 different code sets (A, then B, then C)."""
+    sets = (["I10"], ["E11.9", "I10"], ["J44.9"])
+    return [Note(f"p{p}-n{i}", f"p{p}", "text", codes) for p in range(patients) for i, codes in enumerate(sets)]
+
+
+def test_sequence_unit_counts_every_note_of_a_patient():
+    notes = patients_with_three_notes(1)
+    assert unit_contributions(notes, "sequence") == [["I10"], ["E11.9", "I10"], ["J44.9"]]  # 3 contributions
+    many = patients_with_three_notes(300)
+    distribution = dp_code_set_histogram(many, 1.0, 1e-4, seed=0, privacy_unit="sequence")
+    assert distribution.privacy_unit == "sequence"
+    assert set(distribution.weights) == {"I10", "E11.9; I10", "J44.9"}  # every note counts, not only the first
+    for count in distribution.weights.values():
+        assert abs(count - 300) < 6 * distribution.noise_std  # 300 notes each, sensitivity still 1
+    marginals = dp_code_marginals(many, 1.0, 1e-4, max_codes=2, seed=0, privacy_unit="sequence")
+    assert set(marginals.weights) == {"I10", "E11.9", "J44.9"}
+    assert abs(marginals.weights["I10"] - 600) < 6 * marginals.noise_std
+    assert abs(marginals.set_sizes["1"] - 600) < 6 * marginals.noise_std  # one size per note
+    with pytest.raises(ValueError, match=r"1/N\) with N = 15 notes"):  # δ < 1/patients, but not < 1/notes
+        dp_code_set_histogram(patients_with_three_notes(5), 1.0, 0.1, privacy_unit="sequence")
+
+
+def test_patient_unit_counts_the_first_note_of_each_patient_only():
+    notes = patients_with_three_notes(1)
+    assert unit_contributions(notes, "patient") == [["I10"]]
+    many = patients_with_three_notes(300)
+    distribution = dp_code_set_histogram(many, 1.0, 1e-4, seed=0, privacy_unit="patient")
+    assert set(distribution.weights) == {"I10"} and distribution.privacy_unit == "patient"
+    assert abs(distribution.weights["I10"] - 300) < 6 * distribution.noise_std
+    marginals = dp_code_marginals(many, 1.0, 1e-4, max_codes=2, seed=0, privacy_unit="patient")
+    assert set(marginals.weights) == {"I10"}
+    assert dp_code_set_histogram(patients_with_three_notes(5), 1.0, 0.1, privacy_unit="patient").delta == 0.1
+    with pytest.raises(ValueError, match="privacy_unit must be one of"):
+        dp_code_set_histogram(many, 1.0, 1e-4, privacy_unit="admission")
+
+
+def test_conditioning_json_round_trips_the_privacy_unit(tmp_path):
+    released = dp_code_marginals(patients_with_three_notes(300), 1.0, 1e-4, seed=0, privacy_unit="sequence")
+    released.save(tmp_path / CONDITIONING)
+    assert json.loads((tmp_path / CONDITIONING).read_text())["privacy_unit"] == "sequence"
+    assert CodeSetDistribution.load(tmp_path / CONDITIONING) == released
+    legacy = {k: v for k, v in json.loads((tmp_path / CONDITIONING).read_text()).items() if k != "privacy_unit"}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="does not record its privacy unit"):  # refused, not guessed
+        CodeSetDistribution.load(tmp_path / "legacy.json")
+    with pytest.raises(ValueError, match="must record its privacy_unit"):
+        CodeSetDistribution({"I10": 1.0}, 1.0, 1e-4, "dp-histogram")
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"I10": 1}))
+    prior_distribution(prior).save(tmp_path / "free.json")
+    loaded = CodeSetDistribution.load(tmp_path / "free.json")
+    assert loaded.free and loaded.privacy_unit is None
 
 
 def test_bad_conditioning_inputs(tmp_path):
     with pytest.raises(ValueError, match="finite and > 0"):
-        dp_code_set_histogram(notes_with_code_sets({"I10": 5}), 0.0, 1e-3)
+        dp_code_set_histogram(notes_with_code_sets({"I10": 5}), 0.0, 1e-3, privacy_unit="patient")
     with pytest.raises(ValueError, match="1/N"):
-        dp_code_set_histogram(notes_with_code_sets({"I10": 5}), 1.0, 0.5)
+        dp_code_set_histogram(notes_with_code_sets({"I10": 5}), 1.0, 0.5, privacy_unit="patient")
     with pytest.raises(ValueError, match="survived the DP threshold"):
-        CodeSetDistribution({}, 1.0, 1e-4, "dp-histogram").sample(3, 0)
+        CodeSetDistribution({}, 1.0, 1e-4, "dp-histogram", privacy_unit="patient").sample(3, 0)
     prior = tmp_path / "prior.json"
     prior.write_text(json.dumps({"I10;E11.9": 2, "J44.9": 1}))
     assert set(prior_distribution(prior).weights) == {"E11.9; I10", "J44.9"}
 
 
 def test_synthesize_writes_schema_notes_deterministically_and_resumes_without_duplicates(merged_dir, tmp_path):
-    distribution = CodeSetDistribution({"I10": 3.0, "E11.9; J44.9": 1.0}, 0.5, 1e-5, "dp-histogram")
+    distribution = CodeSetDistribution({"I10": 3.0, "E11.9; J44.9": 1.0}, 0.5, 1e-5, "dp-histogram",
+                                       privacy_unit="patient")
     sampling = SamplingConfig(max_new_tokens=8, batch_size=4)
     whole = synthesize(merged_dir, tmp_path / "whole", 10, distribution, sampling=sampling, seed=1)
     assert whole["count"] == 10 and whole["total_epsilon"] == pytest.approx(3.2 + 0.5)
@@ -116,6 +180,38 @@ def test_synthesize_writes_schema_notes_deterministically_and_resumes_without_du
     notes = load_synthetic(crashed)
     assert [n.id for n in notes] == [n.id for n in reference]
     assert [n.text for n in notes] == [n.text for n in reference]
+
+
+def test_synthesize_adds_epsilons_only_at_one_privacy_unit(merged_dir, tmp_path):
+    sampling = SamplingConfig(max_new_tokens=4, batch_size=2)
+    same = CodeSetDistribution({"I10": 3.0}, 0.5, 1e-5, "dp-marginals", privacy_unit="patient")
+    manifest = synthesize(merged_dir, tmp_path / "same", 2, same, sampling=sampling)
+    assert manifest["conditioning"]["privacy_unit"] == manifest["training"]["privacy_unit"] == "patient"
+    assert manifest["privacy_unit"] == "patient"
+    assert manifest["total_epsilon"] == pytest.approx(3.2 + 0.5)
+    assert manifest["total_delta"] == pytest.approx(1e-4 + 1e-5)
+    assert json.loads((tmp_path / "same" / MANIFEST).read_text())["total_epsilon"] == pytest.approx(3.7)
+
+    other = CodeSetDistribution({"I10": 3.0}, 0.5, 1e-5, "dp-marginals", privacy_unit="sequence")
+    with pytest.raises(ValueError, match="different units cannot be added"):
+        synthesize(merged_dir, tmp_path / "other", 2, other, sampling=sampling)
+    assert not (tmp_path / "other").exists()  # refused before anything is generated or written
+
+    other.save(tmp_path / CONDITIONING)  # a saved release at another unit than the training's
+    with pytest.raises(ValueError, match="different units cannot be added"):
+        conditioning_for(tmp_path, "dp-marginals", None, 1.0, None, None, 0, privacy_unit="patient")
+    notes = patients_with_three_notes(300)
+    with pytest.raises(ValueError, match="none was given"):
+        conditioning_for(tmp_path / "new", "dp-marginals", notes, 1.0, None, None, 0, privacy_unit=None)
+    released = conditioning_for(tmp_path / "new", "dp-marginals", notes, 1.0, None, None, 0, privacy_unit="sequence")
+    assert released.privacy_unit == "sequence" and released.delta == pytest.approx(1 / (10 * 900))  # δ = 1/(10·notes)
+
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"I10": 1}))
+    free = conditioning_for(tmp_path / "free", "prior", None, 1.0, None, prior, 0, privacy_unit=None)
+    manifest = synthesize(merged_dir, tmp_path / "free", 2, free, sampling=sampling)
+    assert manifest["conditioning"]["privacy_unit"] is None and manifest["privacy_unit"] == "patient"
+    assert manifest["total_epsilon"] == 3.2 and manifest["total_delta"] == 1e-4
 
 
 class FakeCompletions(BaseHTTPRequestHandler):
@@ -159,10 +255,8 @@ def test_unknown_backend_is_named():
 
 
 def test_dp_marginals_release_codes_and_sizes_with_sensitivity_sqrt_k_plus_1():
-    from dpnotes.generate.conditioning import dp_code_marginals
-
     notes = generate_default_corpus(n_patients=400, seed=0)
-    distribution = dp_code_marginals(notes, epsilon=1.0, delta=1e-4, max_codes=3, seed=0)
+    distribution = dp_code_marginals(notes, epsilon=1.0, delta=1e-4, max_codes=3, seed=0, privacy_unit="patient")
     assert distribution.epsilon == pytest.approx(1.0, rel=0.01)
     unit_sigma = distribution.noise_std / math.sqrt(4)
     assert compute_epsilon(unit_sigma, 1.0, 1, 0.5e-4, "pld") == pytest.approx(distribution.epsilon, rel=1e-6)
@@ -172,4 +266,4 @@ def test_dp_marginals_release_codes_and_sizes_with_sensitivity_sqrt_k_plus_1():
     assert sets == distribution.sample(200, seed=3)
     assert all(1 <= len(s) <= 3 and len(set(s)) == len(s) and set(s) <= set(distribution.weights) for s in sets)
     rare = notes_with_code_sets({"I10": 300, "Q99.9": 1})
-    assert "Q99.9" not in dp_code_marginals(rare, 1.0, 1e-4, seed=0).weights
+    assert "Q99.9" not in dp_code_marginals(rare, 1.0, 1e-4, seed=0, privacy_unit="patient").weights

@@ -11,11 +11,11 @@ are kept, a data-dependent step outside the DP guarantee.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
+from dpnotes.corpus.code_lists import resolve_code_list
 from dpnotes.corpus.schema import CorpusError, Note, require_file, validate_notes
 
 # The real NOTEEVENTS.csv is ~4 GB: read it in chunks and keep only discharge summaries.
@@ -41,55 +41,6 @@ def _read_columns(
         if name.upper() in ("ROW_ID", "SUBJECT_ID", "HADM_ID", "NOTE_ID"):
             frame[name] = frame[name].str.strip().str.removesuffix(".0")
     return frame
-
-
-# Code lists shipped with the package, by name (files under dpnotes/corpus/data/).
-CODE_LISTS = {"mimic3-top50": "mimic3_top50.txt"}
-ALL_CODES = "all"  # `codes="all"` is `codes=None`, for option strings (e.g. `--option codes=all`)
-
-
-def _parse_code_list(text: str, source: str) -> list[str]:
-    codes = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    codes = [code for code in codes if code]
-    if not codes:
-        raise CorpusError(source, "code list has no codes (one code per line, '#' comments)")
-    return codes
-
-
-def resolve_code_list(codes: str | Path | Sequence[str] | None) -> frozenset[str] | None:
-    """The fixed set of codes to keep: None (or "all") keeps every code; a name in `CODE_LISTS`
-    (e.g. "mimic3-top50", shipped with the package); a path to a text file with one code per line
-    and `#` comments; or a sequence of code strings. Bad input raises `CorpusError`.
-
-    Nothing here looks at the corpus: the list is public, so it cannot leak any patient's data.
-    """
-    if codes is None or (isinstance(codes, str) and codes == ALL_CODES):
-        return None
-    if isinstance(codes, str) and codes in CODE_LISTS:
-        resource = resources.files("dpnotes.corpus").joinpath("data", CODE_LISTS[codes])
-        text = resource.read_text(encoding="utf-8")
-        return frozenset(_parse_code_list(text, f"code list {codes!r} ({resource})"))
-    if isinstance(codes, (str, Path)):
-        path = Path(codes)
-        if not path.is_file():
-            names = ", ".join(map(repr, CODE_LISTS))
-            raise CorpusError(
-                str(path),
-                f"code list file not found (codes= takes None, {ALL_CODES!r}, {names}, a file or a list)",
-            )
-        return frozenset(_parse_code_list(path.read_text(encoding="utf-8"), str(path)))
-    if isinstance(codes, Sequence) and not isinstance(codes, bytes):
-        if not codes:
-            raise CorpusError("codes", "code list is empty")
-        bad = [code for code in codes if not isinstance(code, str) or not code.strip()]
-        if bad:
-            raise CorpusError(
-                "codes", f"code list has malformed code {bad[0]!r} (codes must be non-empty strings)"
-            )
-        return frozenset(code.strip() for code in codes)
-    raise CorpusError(
-        "codes", f"code list must be None, a name, a path or a list of strings, got {type(codes).__name__}"
-    )
 
 
 def _notes_with_listed_codes(
