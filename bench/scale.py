@@ -27,14 +27,20 @@ CPU_CONFIGS = {"zero2": "accelerate_configs/zero2_cpu_2proc.yaml", "zero3": "acc
 
 def worker(args) -> None:
     import torch
-
-    from dpnotes.models import load_causal_lm
     from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
     from dpnotes.train.dp.losses import causal_lm_losses
-    from dpnotes.train.dp.zero import DeepSpeedDPStep, is_deepspeed, prepare_deepspeed, zero_stage
+    from dpnotes.train.dp.randomness import stream
+    from dpnotes.train.dp.zero import (
+        DeepSpeedDPStep,
+        is_deepspeed,
+        prepare_deepspeed,
+        zero_stage,
+    )
     from dpnotes.train.model_setup import TrainableConfig, prepare_trainable
     from dpnotes.train.recipe import make_accelerator
     from dpnotes.train.run_config import TrainConfig
+
+    from dpnotes.models import load_causal_lm
 
     config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none")
     accelerator = make_accelerator(config)
@@ -71,7 +77,7 @@ def worker(args) -> None:
             ds_model.set_gradient_accumulation_boundary(k == count - 1)
             losses = causal_lm_losses(ds_model, fetch(indices))
             ds_model.backward(losses.mean() * (0.0 if k >= len(local) else 1.0), scale_wrt_gas=False)
-        noisy.arm(0.0, torch.Generator())
+        noisy.arm(0.0, stream(0, 0))  # σ = 0: nothing is drawn
         ds_model.step()
         noisy.disarm()
 

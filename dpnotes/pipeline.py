@@ -52,6 +52,7 @@ class PipelineConfig:
     dp_coder: bool = True
     dp_coder_model: str = "minilm"
     dp_coder_steps: int = 30
+    dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     report_to: str = "wandb"
 
 
@@ -171,7 +172,10 @@ class Pipeline:
             log("baselines: done, skipped")
             return done
         log("baselines: coder on real notes, and DP-LoRA coders on real notes per ε")
-        result = coder_baselines(self.splits, self.config)
+        from dpnotes.corpus.code_lists import public_label_space
+
+        labels = public_label_space(self.config.dp_coder_labels, self.train_config(self.config.epsilons[0]).corpus)
+        result = coder_baselines(self.splits, self.config, labels)
         result["inputs_hash"] = key
         (self.root / "baselines.json").write_text(json.dumps(result, indent=2, default=str))
         return result

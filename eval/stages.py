@@ -52,13 +52,14 @@ def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> 
     return {"coders": coders, "privacy": privacy, "fidelity": fidelity, "synthetic_notes": len(synthetic)}
 
 
-def coder_baselines(splits: dict[str, list[Note]], config) -> dict:
-    """The coder trained on real notes (no privacy), and DP-LoRA coders on real notes per ε."""
+def coder_baselines(splits: dict[str, list[Note]], config, dp_labels: list[str]) -> dict:
+    """The coder trained on real notes (no privacy), and DP-LoRA coders on real notes per ε over
+    the public label list `dp_labels`."""
     from dpnotes.eval.dp_classifier import dp_epsilon_sweep
 
     train, dev, test = splits["train"], splits["dev"], splits["test"]
     result = {"real_tfidf": evaluate_coder(TfidfCoder(), train, dev, test, n_bootstrap=config.bootstrap)}
     if config.dp_coder:
-        result["dp_coder"] = dp_epsilon_sweep(train, dev, test, epsilons=config.epsilons, n_bootstrap=config.bootstrap,
+        result["dp_coder"] = dp_epsilon_sweep(train, dev, test, dp_labels, epsilons=config.epsilons, n_bootstrap=config.bootstrap,
                                               model=config.dp_coder_model, steps=config.dp_coder_steps, log=print)
     return result

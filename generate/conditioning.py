@@ -182,7 +182,8 @@ def dp_code_marginals(
         codes = sorted(set(contribution))[:max_codes]
         for code in codes:
             code_counts[code] = code_counts.get(code, 0) + 1
-        size_counts[str(len(codes))] += 1
+        if codes:  # a unit without codes contributes nothing (sizes run from 1)
+            size_counts[str(len(codes))] += 1
     unit_sigma = calibrate_noise_multiplier(epsilon, delta / 2, sample_rate=1.0, steps=1, accountant="pld")
     noise_std = unit_sigma * math.sqrt(max_codes + 1)
     threshold = max(min_count, 1 + noise_std * NormalDist().inv_cdf(1 - delta / (2 * max_codes)))

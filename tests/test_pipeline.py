@@ -41,6 +41,12 @@ def test_pipeline_writes_the_report_with_each_epsilon(study):
         assert 0 <= row["mia_auc"] <= 1
     for name in ("f1_vs_epsilon.png", "epsilon_vs_steps.png", "privacy_vs_epsilon.png", "report.md"):
         assert (root / name).exists()
+    manifest = json.loads((root / "eps_8" / "synthetic" / "manifest.json").read_text())
+    unit = json.loads((root / "eps_8" / "privacy_report.json").read_text())["privacy_unit"]
+    assert manifest["training"]["privacy_unit"] == manifest["privacy_unit"] == unit
+    assert manifest["conditioning"]["privacy_unit"] is None  # the prior is free and has no unit
+    assert by_target[8.0]["total_epsilon_with_conditioning"] == by_target[8.0]["epsilon_spent"]
+    assert by_target[8.0]["privacy_unit"] == unit and "privacy_unit" in (root / "report.md").read_text()
     assert summary["baselines"]["real_tfidf"]["metrics"]["micro_f1"] > 0
 
 
