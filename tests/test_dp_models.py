@@ -91,5 +91,5 @@ def test_bf16_model_norms_are_accumulated_in_fp32(mode):
     result = clipper.backward(losses)
     assert result.norms.dtype == torch.float32
     torch.testing.assert_close(result.norms, ref_norms, rtol=5e-2, atol=1e-3)
-    assert all(total.dtype == torch.float32 for total in clipper.clipped_sums)
+    assert all(total.dtype == torch.float32 for total in clipper.summed())
     assert all(p.grad is None for p in clipper.parameters)

@@ -64,10 +64,10 @@ def test_model_seed_is_not_the_privacy_seed(setup):
         coder.fit(splits["train"], splits["dev"])
         return coder, [p.detach().clone() for p in coder.model_.parameters() if p.requires_grad]
 
-    (first, a), (second, b) = fit(), fit()
+    (first, a), (_, b) = fit(), fit()
     assert first.privacy_["private"] and "note" not in first.privacy_
     assert any(not torch.equal(x, y) for x, y in zip(a, b))
-    (audit, c), (again, d) = fit(privacy_seed=11), fit(privacy_seed=11)
+    (audit, c), (_, d) = fit(privacy_seed=11), fit(privacy_seed=11)
     assert audit.privacy_["private"] is False and audit.privacy_["note"] == NOT_PRIVATE
     assert all(torch.equal(x, y) for x, y in zip(c, d))  # the audit option reproduces the noise
 

@@ -37,5 +37,5 @@ def clipped_sum_reference(
 
 def flat_clipped_sum(clipper) -> torch.Tensor:
     """A PerExampleClipper's clipped sums, flattened in the model's parameter order (the oracle's)."""
-    by_param = {id(p): s for p, s in zip(clipper.parameters, clipper.clipped_sums)}
+    by_param = {id(p): s for p, s in zip(clipper.parameters, clipper.summed())}
     return torch.cat([by_param[id(p)].reshape(-1) for p in clipper.model.parameters() if p.requires_grad])

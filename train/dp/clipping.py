@@ -220,7 +220,7 @@ def group_tokens(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> t
 
 class PerExampleClipper:
     """Clips each privacy unit's gradient to `max_grad_norm` and accumulates the clipped sum, in
-    fp32 (fp64 for fp64 parameters), in `clipped_sums` (one tensor per parameter of `parameters`)."""
+    fp32 (fp64 for fp64 parameters): `summed()` gives one tensor per parameter of `parameters`."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, mode: ClippingMode = "bk"):
         if max_grad_norm <= 0:
@@ -233,18 +233,30 @@ class PerExampleClipper:
         self.layers = clipped_layers(model)
         if not self.layers:
             raise ValueError("the model has no trainable parameters")
+        self.parameters = [p for layer in self.layers for p in layer.params.values()]
+        self._position = {id(p): k for k, p in enumerate(self.parameters)}
         self.audited = False
-        self.clipped_sums: list[torch.Tensor] = []
+        self.clipped_sums: list[torch.Tensor | None] = []
         self.reset_sums()
 
-    @property
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.params.values()]
-
     def reset_sums(self) -> None:
-        self.clipped_sums = [
-            torch.zeros(p.shape, device=p.device, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.parameters
-        ]
+        # Allocated on first use: under ZeRO only coefficients() runs, and full fp32 copies of the
+        # trainable parameters would be wasted memory.
+        self.clipped_sums = [None] * len(self.parameters)
+
+    def _add_to_sum(self, k: int, grad: torch.Tensor) -> None:
+        if self.clipped_sums[k] is None:
+            param = self.parameters[k]
+            self.clipped_sums[k] = torch.zeros(param.shape, device=param.device,
+                                               dtype=torch.promote_types(param.dtype, torch.float32))
+        self.clipped_sums[k].add_(grad)
+
+    def summed(self) -> list[torch.Tensor]:
+        """The clipped sums, zeros for parameters nothing was added to."""
+        for k, param in enumerate(self.parameters):
+            if self.clipped_sums[k] is None:
+                self._add_to_sum(k, torch.zeros((), device=param.device))
+        return self.clipped_sums
 
     @contextlib.contextmanager
     def recording(self, batch_size: int) -> Iterator[None]:
@@ -288,7 +300,7 @@ class PerExampleClipper:
             layer.outputs.clear()
 
     def backward(self, losses: torch.Tensor, group_index: torch.Tensor | None = None) -> ClipResult:
-        """Clip and add Σ_units c_u · grad_u to `clipped_sums` for the forward recorded last.
+        """Clip and add Σ_units c_u · grad_u to the clipped sums for the forward recorded last.
 
         `losses`: (B,) per-example losses. `group_index`: (B,) privacy unit of each example in
         0..U-1 (None: each example is its own unit). Returns per-unit norms and coefficients.
@@ -322,18 +334,17 @@ class PerExampleClipper:
         for param in params:
             param.grad = None
         (losses * example_coef.to(losses.dtype)).sum().backward(inputs=params)
-        for param, total in zip(params, self.clipped_sums):
+        for k, param in enumerate(params):
             if param.grad is not None:
-                total.add_(param.grad)
+                self._add_to_sum(k, param.grad)
             param.grad = None
 
     def _accumulate_clipped(self, per_layer, example_coef: torch.Tensor) -> None:
         """Book-keeping: Σ_b c_b · grad_b from the stored activations and backprops."""
-        index = {id(p): k for k, p in enumerate(self.parameters)}
         for layer, saved, grad_output in per_layer:
             grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
             for name, grad in grads.items():
-                self.clipped_sums[index[id(layer.params[name])]].add_(grad)
+                self._add_to_sum(self._position[id(layer.params[name])], grad)
 
     def _norms(self, losses: torch.Tensor, group_index: torch.Tensor | None, retain_graph: bool):
         batch = losses.shape[0]

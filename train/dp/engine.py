@@ -179,7 +179,7 @@ class PrivacyEngine:
         the expected logical batch size q·N (not the realised one, which is private). Sums and
         noise are fp32; the result is cast to each parameter's dtype once.
         """
-        sums = self.clipper.clipped_sums
+        sums = self.clipper.summed()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for total in sums:
                 dist.all_reduce(total, op=dist.ReduceOp.SUM)
