@@ -39,3 +39,22 @@ def flat_clipped_sum(clipper) -> torch.Tensor:
     """A PerExampleClipper's clipped sums, flattened in the model's parameter order (the oracle's)."""
     by_param = {id(p): s for p, s in zip(clipper.parameters, clipper.summed())}
     return torch.cat([by_param[id(p)].reshape(-1) for p in clipper.model.parameters() if p.requires_grad])
+
+
+def assert_clipper_matches_oracle(model: nn.Module, loss_fn: LossFn, batch: dict[str, torch.Tensor], mode: str,
+                                  max_grad_norm: float | None = None, rtol: float = 1e-4) -> None:
+    """The clipper's per-example norms and clipped sum equal the batch-size-1 oracle's. The default
+    clipping norm is the median per-example norm, so some examples are clipped and some are not."""
+    from dpnotes.train.dp.clipping import PerExampleClipper
+
+    per_example = per_example_gradients(model, loss_fn, batch)
+    if max_grad_norm is None:
+        max_grad_norm = float(per_example.norm(dim=1).median())
+    ref_norms, ref_sum = clipped_sum_reference(per_example, max_grad_norm)
+    clipper = PerExampleClipper(model, max_grad_norm, mode=mode)
+    model.zero_grad(set_to_none=True)
+    with clipper.recording(len(next(iter(batch.values())))):
+        losses = loss_fn(model, batch)
+    result = clipper.backward(losses)
+    torch.testing.assert_close(result.norms, ref_norms, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(flat_clipped_sum(clipper), ref_sum, rtol=rtol, atol=1e-6)

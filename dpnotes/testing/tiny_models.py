@@ -178,6 +178,13 @@ def random_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def prompt_masked_batch(batch: int = 4, seq_len: int = 12, seed: int = 3, vocab: int = 128) -> dict[str, torch.Tensor]:
+    """A right-padded `random_batch` whose first third (the prompt) carries no loss, as in training."""
+    data = random_batch(vocab=vocab, batch=batch, seq_len=seq_len, seed=seed)
+    data["labels"][:, : seq_len // 3] = -100
+    return data
+
+
 def tiny_llama_folder(folder, tokenizer_source: str = "smollm2-135m", **config) -> None:
     """Save a random tiny LLaMA with a real tokenizer (SmolLM2's) as an HF folder, so recipes that
     load models by path run on it unchanged."""

@@ -86,5 +86,8 @@ def stream(key: int, step: int, rank: int = REPLICATED) -> np.random.Generator:
 
 
 def gaussian(draws: np.random.Generator, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Standard normal fp32 CPU tensor of `shape` from the stream, in a fixed order."""
-    return torch.from_numpy(draws.standard_normal(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)).reshape(shape)
+    """Standard normal fp32 CPU tensor of `shape` from the stream, in a fixed order (filled in
+    place: ~17 ns per coordinate on one core, against ~8 for torch's mt19937 on two)."""
+    out = torch.empty(shape, dtype=torch.float32)
+    draws.standard_normal(out=out.numpy().reshape(-1), dtype=np.float32)
+    return out
