@@ -1,8 +1,8 @@
 """DP fine-tuning of a causal LM on notes: the library behind train/dp_lora.py.
 
 Runs unchanged on one CPU process or N processes (`accelerate launch`): every rank holds the
-full trainable state, samples the same logical batch (shared seed), clips its own share, the
-clipped sums are summed across ranks, and every rank adds the same noise (shared generator),
+full trainable state, samples the same logical batch (shared secret key), clips its own share, the
+clipped sums are summed across ranks, and every rank adds the same noise (shared noise key),
 so noise lands once per coordinate and replicas stay identical.
 """
 from __future__ import annotations

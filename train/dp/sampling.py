@@ -41,7 +41,7 @@ class PoissonSampler:
 
 
 def shard_units(units: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's share of a logical batch that every rank sampled identically (shared seed)."""
+    """This rank's share of a logical batch that every rank sampled identically (shared sampling key)."""
     return units[rank::world_size]
 
 

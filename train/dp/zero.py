@@ -2,7 +2,7 @@
 
 One logical step, on every rank:
 
-1. The logical batch is Poisson-sampled with the shared seed (same on every rank) and this rank
+1. The logical batch is Poisson-sampled with the shared sampling key (same on every rank) and this rank
    packs its share into micro-batches. Ranks agree on the largest micro-batch count (all-reduce
    MAX) and pad with zero-weight micro-batches: DeepSpeed's collectives (ZeRO-2 gradient
    reduction, ZeRO-3 parameter gathers) need the same number of forwards/backwards everywhere,
