@@ -253,11 +253,27 @@ def test_undeclared_flattened_tokens_are_refused():
             probe_losses(model, make_batch(float_tokens, 3, 4))
 
 
-def test_a_module_returning_a_tuple_is_refused():
-    class Pair(nn.Linear):
-        pass
+def test_a_bound_module_returning_a_tuple_is_refused(monkeypatch):
+    """A rule sees the gradient of its module's output tensor: a tuple output cannot be recorded."""
+    from dpnotes.train.dp.rules import registry
+    from dpnotes.train.dp.rules.linear import LinearRule
 
-    Pair.forward = lambda self, x: (nn.functional.linear(x, self.weight, self.bias), x)
-    model = nn.ModuleDict({"pair": Pair(FEATURES, 2)})
-    with pytest.raises(UnsupportedParameterError, match="overrides the forward"):
-        PerExampleClipper(model, 1.0)
+    class Pair(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight, self.bias), x
+
+    monkeypatch.setitem(registry._BY_TYPE, Pair, LinearRule())
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair(FEATURES, FEATURES)
+
+        def forward(self, x):
+            return self.pair(x)[0]
+
+    model = Probe(Body())
+    clipper = PerExampleClipper(model, 1.0)
+    with pytest.raises(UnsupportedParameterError, match=r"body\.pair \(Pair\) returns tuple"):
+        with clipper.recording(3):
+            probe_losses(model, make_batch(float_tokens, 3, 4))
