@@ -85,3 +85,12 @@ def test_helpers():
     notes = generate_default_corpus(n_patients=30, seed=0)
     kept = keep_top_labels(notes, 2)
     assert len({c for n in kept for c in n.codes}) == 2 and all(n.codes for n in kept)
+
+
+def test_dp_classifier_needs_a_public_label_space(files, capsys):
+    """Labels taken from the private training notes would be released outside the guarantee."""
+    _, paths = files
+    code = main(["dp-classifier", "--corpus", str(paths["real"]), "--epsilons", "1"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "no public label space" in error and error.count("\n") == 1
