@@ -277,3 +277,67 @@ def test_a_bound_module_returning_a_tuple_is_refused(monkeypatch):
     with pytest.raises(UnsupportedParameterError, match=r"body\.pair \(Pair\) returns tuple"):
         with clipper.recording(3):
             probe_losses(model, make_batch(float_tokens, 3, 4))
+
+
+class ThroughCustomFunction(nn.Module):
+    """Feeds its child's weight to a custom autograd.Function: the ops inside run without grad."""
+
+    class Matmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return nn.functional.linear(x, weight)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            return grad @ weight, (grad.unsqueeze(-1) * x.unsqueeze(-2)).flatten(0, -3).sum(0)
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(FEATURES, FEATURES)
+
+    def forward(self, x):
+        return self.inner(x) + self.Matmul.apply(x, self.inner.weight)
+
+
+def test_a_parameter_used_inside_a_custom_autograd_function_is_refused():
+    model = Probe(ThroughCustomFunction())
+    clipper = PerExampleClipper(model, 1.0, mode="ghost")
+    with pytest.raises(UnsupportedParameterError, match=r"body\.inner \(linear in ThroughCustomFunction"):
+        with clipper.recording(3):
+            probe_losses(model, make_batch(float_tokens, 3, 4))
+
+
+class SometimesReadsChildWeight(nn.Module):
+    """Uses its child's weight outside the child only when told to: a path the first forward misses."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(FEATURES, FEATURES)
+        self.other = nn.Linear(FEATURES, FEATURES)
+        self.late = False
+
+    def forward(self, x):
+        return x @ self.inner.weight.t() if self.late else self.other(x)
+
+
+def test_ghost_refuses_a_gradient_no_rule_saw_on_any_step():
+    model = Probe(SometimesReadsChildWeight())
+    clipper = PerExampleClipper(model, 1.0, mode="ghost")
+    data = make_batch(float_tokens, 3, 4)
+    with clipper.recording(3):
+        losses = probe_losses(model, data)
+    clipper.backward(losses)  # first forward: audited, clean
+    model.body.late = True
+    with clipper.recording(3):
+        losses = probe_losses(model, data)
+    with pytest.raises(UnsupportedParameterError, match=r"gradient reached body\.inner"):
+        clipper.backward(losses)
+
+
+def test_an_instance_with_a_replaced_forward_is_refused():
+    layer = nn.Linear(FEATURES, 2)
+    layer.forward = lambda x: nn.functional.linear(x, layer.weight * 2.0, layer.bias)
+    with pytest.raises(UnsupportedParameterError, match=r"layer\.weight \(this Linear instance has its forward replaced"):
+        PerExampleClipper(nn.ModuleDict({"layer": layer}), 1.0)

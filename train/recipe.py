@@ -85,7 +85,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
-STEP_FOLDER = re.compile(r"step_\d{6}")
+STEP_FOLDER = re.compile(r"step_\d{6,}")  # f"step_{step:06d}"
 RUN_STAMP = "dpnotes_run.json"  # in every checkpoint: the config hash it belongs to
 
 

@@ -131,9 +131,11 @@ def _is_under(module_name: str, prefix: str) -> bool:
 
 
 class ParameterUseAudit(TorchFunctionMode):
-    """Records every differentiable use of a bound trainable parameter made outside the forward of
-    the module that owns it: the rules would not see such a use, so the norm would miss it (and in
-    ghost mode its unclipped gradient would be written)."""
+    """Records every use of a bound trainable parameter, as an input of an op that returns a tensor,
+    made outside the forward of the module that owns it: the rules would not see such a use, so
+    the norm would miss it (and in ghost mode, or under ZeRO, its unclipped gradient would be
+    written). Uses inside a custom autograd.Function run without grad and still count; metadata
+    reads (dtype, shape, device) return no tensor and do not."""
 
     def __init__(self, layers: list[ClippedLayer]):
         super().__init__()
@@ -143,7 +145,7 @@ class ParameterUseAudit(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if any(torch.is_tensor(r) and r.requires_grad for r in tree_flatten(result)[0]):
+        if any(torch.is_tensor(r) for r in tree_flatten(result)[0]):
             for value in tree_flatten((args, kwargs or {}))[0]:
                 layer = self.owner.get(id(value)) if isinstance(value, nn.Parameter) else None
                 if layer is not None and (not self.running or self.running[-1] is not layer.module):
@@ -329,11 +331,24 @@ class PerExampleClipper:
             self._release()
 
     def _ghost_backward(self, losses: torch.Tensor, example_coef: torch.Tensor) -> None:
-        """Second backward of Σ c_i L_i; its `.grad` is moved into the fp32 sums at once."""
+        """Second backward of Σ c_i L_i; its `.grad` is moved into the fp32 sums at once. Autograd
+        forms this micro-batch's sum in the parameters' dtype (bk sums in fp32 throughout).
+
+        Every step checks that no parameter of a layer that recorded nothing got a gradient: such a
+        gradient came from a use no rule saw (the audit covers the first forward's paths only)."""
         params = self.parameters
         for param in params:
             param.grad = None
         (losses * example_coef.to(losses.dtype)).sum().backward(inputs=params)
+        unseen = [layer.name for layer in self.layers if not layer.outputs
+                  and any(p.grad is not None and p.grad.any() for p in layer.params.values())]
+        if unseen:
+            for param in params:
+                param.grad = None
+            raise UnsupportedParameterError(
+                f"gradient reached {', '.join(unseen)} although no call of the module was recorded: its "
+                "parameters are used outside their module's forward; freeze them or train other modules"
+            )
         for k, param in enumerate(params):
             if param.grad is not None:
                 self._add_to_sum(k, param.grad)
@@ -353,7 +368,7 @@ class PerExampleClipper:
         outputs = [out for layer in recorded for out in layer.outputs]
         backprops = torch.autograd.grad(
             losses.sum(), outputs, retain_graph=retain_graph, allow_unused=True, materialize_grads=True
-        )
+        ) if outputs else ()  # no bound module ran: every unit's norm is 0 (ghost then checks the gradient)
         per_layer, start = [], 0
         for layer in recorded:
             grads = backprops[start : start + len(layer.outputs)]

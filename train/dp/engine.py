@@ -1,8 +1,9 @@
 """The privacy engine: ties clipping, Poisson sampling, noise and accounting into DP-SGD steps.
 
 One logical step:  g = (Σ_units clip_C(grad_unit) + N(0, σ²C² I)) / (q·N)
-with units sampled independently at rate q, then any optimizer steps on g. The sampler, noise
-and accountant states form the privacy state, which goes into every checkpoint.
+with units sampled independently at rate q, then any optimizer steps on g. The secret sampling
+and noise keys and the accountant's history form the privacy state, which goes into every
+checkpoint (see randomness.py: the draws of a step are a function of its key, step and rank).
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ class PrivacyEngine:
     def clip_accumulate(
         self, model: nn.Module, loss_fn: LossFn, batch: dict, group_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ClipResult]:
-        """Forward one micro-batch, clip its units and add their clipped sum into `.grad`."""
+        """Forward one micro-batch, clip its units and add their clipped sum to the clipper's sums."""
         with self.clipper.recording(len(next(iter(batch.values())))):
             losses = loss_fn(model, batch)
         return losses.detach(), self.clipper.backward(losses, group_index)

@@ -17,7 +17,7 @@ draws, lose the amplification by sampling. Hence:
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ REPLICATED = 2**64 - 1  # rank word of a stream that every rank draws identicall
 
 @dataclass(frozen=True)
 class SecretKeys:
-    sampling: int
-    noise: int
+    sampling: int = field(repr=False)  # never in a repr: tracebacks and logs are not secret
+    noise: int = field(repr=False)
     fixed_seed: int | None = None  # set when derived from a public seed: results are not private
 
     @classmethod
@@ -41,8 +41,7 @@ class SecretKeys:
     def from_seed(cls, seed: int) -> SecretKeys:
         """Keys anyone can recompute from `seed`: for tests and audits only."""
         words = np.random.SeedSequence(int(seed)).generate_state(8, dtype=np.uint32)
-        sampling, noise = (sum(int(w) << (32 * i) for i, w in enumerate(part)) for part in (words[:4], words[4:]))
-        return cls(sampling, noise, fixed_seed=int(seed))
+        return cls(*_join_words([int(w) for w in words]), fixed_seed=int(seed))
 
     @property
     def private(self) -> bool:
@@ -62,12 +61,16 @@ def shared_keys(seed: int | None) -> SecretKeys:
     keys = SecretKeys.fresh() if seed is None else SecretKeys.from_seed(seed)
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return keys
+    # 32-bit words: a 128-bit key does not fit the int64 elements collectives move.
     words = [(value >> (32 * i)) & 0xFFFFFFFF for value in (keys.sampling, keys.noise) for i in range(4)]
     box = torch.tensor(words, dtype=torch.int64, device=collective_device())
     dist.broadcast(box, src=0)
-    words = [int(w) for w in box.tolist()]
-    sampling, noise = (sum(w << (32 * i) for i, w in enumerate(part)) for part in (words[:4], words[4:]))
-    return SecretKeys(sampling, noise, keys.fixed_seed)
+    return SecretKeys(*_join_words([int(w) for w in box.tolist()]), keys.fixed_seed)
+
+
+def _join_words(words: list[int]) -> tuple[int, int]:
+    """Eight 32-bit words, least significant first, as the (sampling, noise) keys."""
+    return tuple(sum(w << (32 * i) for i, w in enumerate(part)) for part in (words[:4], words[4:]))
 
 
 def collective_device() -> torch.device:

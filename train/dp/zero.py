@@ -26,7 +26,7 @@ One logical step, on every rank:
    (see randomness.py).
 
 ZeRO stage 0 (replicated gradients) is refused: use the DDP-style path (no DeepSpeed), whose
-shared-seed noise is the right scheme for replicas.
+replicated noise (one stream, the same on every rank) is the right scheme for replicas.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def prepare_deepspeed(accelerator, model: nn.Module, optimizer: torch.optim.Opti
     if stage not in (1, 2, 3):
         raise ValueError(
             f"DP under DeepSpeed needs ZeRO stage 1, 2 or 3 (got {stage}): with replicated gradients use the "
-            "DDP-style path (accelerate MULTI_GPU / MULTI_CPU), whose shared-seed noise is correct for replicas"
+            "DDP-style path (accelerate MULTI_GPU / MULTI_CPU), whose replicated noise is correct for replicas"
         )
     if ds_config.get("optimizer") or ds_config.get("scheduler"):
         raise ValueError("the DeepSpeed config must not define optimizer/scheduler: dpnotes owns the DP step")

@@ -11,3 +11,5 @@ register_flat_tokens("transformers.models.opt.modeling_opt.OPTDecoderLayer", "fi
 # peft's LoRA on a bare nn.Parameter (MoE routers and fused experts under target_modules="all-linear")
 # adds lora_B.weight @ lora_A.weight to the wrapped parameter instead of calling lora_A / lora_B.
 register_direct_reader("peft.tuners.lora.layer.ParamWrapper")
+# peft's LoRA on nn.MultiheadAttention merges lora_B.weight @ lora_A.weight into the projection weights.
+register_direct_reader("peft.tuners.lora.layer.MultiheadAttention")

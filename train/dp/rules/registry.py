@@ -107,23 +107,28 @@ def _registered(klass: type) -> NormRule | None:
     return _BY_TYPE.get(klass) or _BY_NAME.get(class_path(klass))
 
 
-def rule_for(module: nn.Module) -> NormRule | None:
-    """The rule of the module's class, or of the nearest registered base whose forward the class
-    inherits unchanged; None when there is none or when the class overrides that forward."""
+def _binding(module: nn.Module) -> tuple[NormRule | None, str]:
+    """(rule, why none) for a module: the rule of its class, or of the nearest registered base whose
+    forward the class inherits unchanged, provided the instance does not replace forward either."""
     cls = type(module)
     for klass in cls.__mro__:
         rule = _registered(klass)
-        if rule is not None:
-            return rule if cls.forward is klass.forward else None
-    return None
+        if rule is None:
+            continue
+        if cls.forward is not klass.forward:
+            return None, f"{cls.__name__} overrides the forward of {klass.__name__} that the rule was written for"
+        if "forward" in vars(module):
+            return None, f"this {cls.__name__} instance has its forward replaced (a wrapper or patch)"
+        return rule, ""
+    return None, f"no rule for {cls.__name__}"
+
+
+def rule_for(module: nn.Module) -> NormRule | None:
+    return _binding(module)[0]
 
 
 def why_no_rule(module: nn.Module) -> str:
-    cls = type(module)
-    for klass in cls.__mro__:
-        if _registered(klass) is not None and cls.forward is not klass.forward:
-            return f"{cls.__name__} overrides the forward of {klass.__name__} that the rule was written for"
-    return f"no rule for {cls.__name__}"
+    return _binding(module)[1]
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:
