@@ -135,7 +135,9 @@ class ParameterUseAudit(TorchFunctionMode):
     made outside the forward of the module that owns it: the rules would not see such a use, so
     the norm would miss it (and in ghost mode, or under ZeRO, its unclipped gradient would be
     written). Uses inside a custom autograd.Function run without grad and still count; metadata
-    reads (dtype, shape, device) return no tensor and do not."""
+    reads (dtype, shape, device) return no tensor and do not, nor do `.data`, `.grad`, `.detach()`.
+    What it cannot see: a custom autograd.Function whose forward reads only `.data` of a parameter
+    it received (Function.apply itself never reaches a TorchFunctionMode)."""
 
     def __init__(self, layers: list[ClippedLayer]):
         super().__init__()
@@ -143,9 +145,14 @@ class ParameterUseAudit(TorchFunctionMode):
         self.running: list[nn.Module] = []
         self.outside: dict[str, str] = {}
 
+    # Reads that give a tensor through which no gradient can flow (DeepSpeed's ZeRO-3 hooks read
+    # `.data` of the parameters they gather).
+    NON_DIFFERENTIABLE = frozenset({"data", "grad", "detach"})
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if any(torch.is_tensor(r) for r in tree_flatten(result)[0]):
+        name = getattr(getattr(func, "__self__", None), "__name__", None) or getattr(func, "__name__", None)
+        if name not in self.NON_DIFFERENTIABLE and any(torch.is_tensor(r) for r in tree_flatten(result)[0]):
             for value in tree_flatten((args, kwargs or {}))[0]:
                 layer = self.owner.get(id(value)) if isinstance(value, nn.Parameter) else None
                 if layer is not None and (not self.running or self.running[-1] is not layer.module):
