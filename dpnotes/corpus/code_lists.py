@@ -15,8 +15,8 @@ from dpnotes.corpus.schema import CorpusError
 # Lists shipped with the package, by name (files under dpnotes/corpus/data/).
 CODE_LISTS = {
     "mimic3-top50": "mimic3_top50.txt",
-    "cmc2007": "cmc2007_icd9.txt",
-    "mtsamples-specialties": "mtsamples_specialties.txt",
+    "cmc2007": "icd9_codes_cmc_challenge_2007.txt",
+    "mtsamples-specialties": "specialties_of_mtsamples_site.txt",
 }
 ALL_CODES = "all"  # `codes="all"` is `codes=None`, for option strings (e.g. `--option codes=all`)
 DEFAULT_CORPUS = "default-corpus"  # the embedded corpus's code bank (ICD-10-CM codes)
