@@ -27,20 +27,15 @@ CPU_CONFIGS = {"zero2": "accelerate_configs/zero2_cpu_2proc.yaml", "zero3": "acc
 
 def worker(args) -> None:
     import torch
+
+    from dpnotes.models import load_causal_lm
     from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
     from dpnotes.train.dp.losses import causal_lm_losses
     from dpnotes.train.dp.randomness import stream
-    from dpnotes.train.dp.zero import (
-        DeepSpeedDPStep,
-        is_deepspeed,
-        prepare_deepspeed,
-        zero_stage,
-    )
+    from dpnotes.train.dp.zero import DeepSpeedDPStep, all_reduce_max, is_deepspeed, prepare_deepspeed, zero_stage
     from dpnotes.train.model_setup import TrainableConfig, prepare_trainable
     from dpnotes.train.recipe import make_accelerator
     from dpnotes.train.run_config import TrainConfig
-
-    from dpnotes.models import load_causal_lm
 
     config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none")
     accelerator = make_accelerator(config)
@@ -69,9 +64,7 @@ def worker(args) -> None:
 
     def nonprivate_step():
         local = list(engine.micro_batches(rank, world))
-        box = torch.tensor([len(local)])
-        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
-        count = max(int(box), 1)
+        count = max(all_reduce_max(len(local)), 1)
         for k in range(count):
             indices = local[k][0] if k < len(local) else [0]
             ds_model.set_gradient_accumulation_boundary(k == count - 1)

@@ -169,7 +169,8 @@ def _same_randomness():
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _all_reduce_max(value: int) -> int:
+def all_reduce_max(value: int) -> int:
+    """The largest `value` over the ranks (on the backend's device: NCCL takes CUDA tensors only)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     box = torch.tensor([value], dtype=torch.int64, device=collective_device())
@@ -196,7 +197,7 @@ class DeepSpeedDPStep:
         engine, ds = self.engine, self.ds_engine
         local = list(engine.micro_batches(rank, world_size))
         # At least one (zero-weight) pass even for an empty logical batch: the noise step still runs.
-        count = max(_all_reduce_max(len(local)), 1)
+        count = max(all_reduce_max(len(local)), 1)
         scale = world_size / self.expected_batch
         examples = units = clipped = tokens = 0
         loss_sum = 0.0
