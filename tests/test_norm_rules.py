@@ -341,3 +341,16 @@ def test_an_instance_with_a_replaced_forward_is_refused():
     layer.forward = lambda x: nn.functional.linear(x, layer.weight * 2.0, layer.bias)
     with pytest.raises(UnsupportedParameterError, match=r"layer\.weight \(this Linear instance has its forward replaced"):
         PerExampleClipper(nn.ModuleDict({"layer": layer}), 1.0)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_a_hook_that_rescales_an_output_is_caught_by_the_first_batch_check(mode):
+    """A forward hook registered before the clipper's doubles a Linear's output: the rule then sees
+    the gradient of 2·(Wa + b) and would report half the true norm. Autograd disagrees: refused."""
+    model = Probe(nn.Linear(FEATURES, 5))
+    model.body.register_forward_hook(lambda module, args, output: output * 2.0)
+    clipper = PerExampleClipper(model, 1.0, mode=mode)
+    with clipper.recording(3):
+        losses = probe_losses(model, make_batch(float_tokens, 3, 4))
+    with pytest.raises(UnsupportedParameterError, match=r"disagree with autograd on the first batch: body \(rule"):
+        clipper.backward(losses)

@@ -16,10 +16,12 @@ the rules run: the norm is then the norm of the patient's summed gradient, as th
 The clipped sums are accumulated in fp32 whatever the parameters' dtype (a bf16 running sum drifts
 and can exceed the bound C); the privacy engine adds noise to them in fp32 and casts once.
 
-Two checks make the rules' assumptions hold, not just likely: a rule binds only to the forward it
-was written for (see rules.registry), and the first recorded forward is audited (every
-differentiable use of a trainable parameter must happen inside its own module's forward, where
-the rule sees it; peft's ParamWrapper, for one, reads LoRA factors outside their forward).
+Checks make the rules' assumptions hold, not just likely: a rule binds only to the forward it was
+written for (see rules.registry); the first recorded forward is audited (every use of a trainable
+parameter must happen inside its own module's forward, where the rule sees it; peft's ParamWrapper,
+for one, reads LoRA factors outside their forward); ghost mode checks every step that no gradient
+reached a layer that recorded nothing; and the first batch's largest unit is checked against its
+real autograd gradient, layer by layer.
 """
 from __future__ import annotations
 
@@ -245,6 +247,7 @@ class PerExampleClipper:
         self.parameters = [p for layer in self.layers for p in layer.params.values()]
         self._position = {id(p): k for k, p in enumerate(self.parameters)}
         self.audited = False
+        self.verified = False
         self.clipped_sums: list[torch.Tensor | None] = []
         self.reset_sums()
 
@@ -328,7 +331,12 @@ class PerExampleClipper:
                 empty = losses.new_zeros(0, dtype=torch.float32)
                 return ClipResult(empty, empty)
             ghost = accumulate and self.mode == "ghost"
-            per_layer, norms, unit_coef, example_coef = self._norms(losses, group_index, retain_graph=ghost)
+            verify = accumulate and not self.verified
+            per_layer, norms, unit_coef, example_coef, layer_sq = self._norms(
+                losses, group_index, retain_graph=ghost or verify
+            )
+            if verify:
+                self._verify_against_autograd(losses, group_index, norms, layer_sq)
             if ghost:
                 self._ghost_backward(losses, example_coef)
             elif accumulate:
@@ -384,13 +392,42 @@ class PerExampleClipper:
             grad_output = _join_calls([g.reshape(batch, -1, g.shape[-1]) for g in grads])
             per_layer.append((layer, saved, grad_output))
 
-        sq_norms = torch.zeros(n_units, device=losses.device, dtype=torch.float32)
+        layer_sq = []  # (layer, (U,) squared norms of its parameters' per-unit gradients)
         for layer, saved, grad_output in per_layer:
             if group_index is not None:
                 saved = group_tokens(saved, group_index, n_units)
                 grad_output = group_tokens(grad_output, group_index, n_units)
-            sq_norms += layer.rule.per_example_sq_norms(layer.module, saved, grad_output, layer.trainable)
+            layer_sq.append((layer, layer.rule.per_example_sq_norms(layer.module, saved, grad_output, layer.trainable)))
+        sq_norms = sum((sq for _, sq in layer_sq), torch.zeros(n_units, device=losses.device, dtype=torch.float32))
         norms = sq_norms.sqrt()
         unit_coef = (self.max_grad_norm / (norms + NORM_FLOOR)).clamp(max=1.0)
         example_coef = unit_coef if group_index is None else unit_coef[group_index]
-        return per_layer, norms, unit_coef, example_coef
+        return per_layer, norms, unit_coef, example_coef, layer_sq
+
+    def _verify_against_autograd(self, losses, group_index, norms, layer_sq) -> None:
+        """Once per clipper, on the first batch: the largest unit's gradient, computed by autograd
+        for real, must have the norm the rules give, layer by layer. This checks the rules on the
+        model actually trained (hooks that rescale outputs, patched code, anything the binding and
+        the audit cannot see), at the cost of one backward. Not on the ZeRO path (coefficients()):
+        a backward into ZeRO-partitioned parameters would run DeepSpeed's reduction hooks."""
+        unit = int(norms.argmax())
+        members = slice(unit, unit + 1) if group_index is None else group_index == unit
+        grads = torch.autograd.grad(losses[members].sum(), self.parameters, retain_graph=True, allow_unused=True)
+        by_param = {id(p): g for p, g in zip(self.parameters, grads)}
+        exact = all(p.dtype in (torch.float32, torch.float64) for p in self.parameters)
+        tolerance = 1e-3 if exact else 5e-2  # autograd's own gradient is rounded in bf16/fp16
+        rule = {id(layer): sq for layer, sq in layer_sq}
+        wrong = []
+        for layer in self.layers:
+            true = sum(float(by_param[id(p)].double().square().sum()) for p in layer.params.values()
+                       if by_param[id(p)] is not None) ** 0.5
+            ours = float(rule[id(layer)][unit]) ** 0.5 if id(layer) in rule else 0.0
+            if abs(true - ours) > tolerance * max(true, ours) + 1e-6 * float(norms[unit]) + 1e-12:
+                wrong.append(f"{layer.name} (rule {ours:.4g}, autograd {true:.4g})")
+        if wrong:
+            raise UnsupportedParameterError(
+                "per-example norms disagree with autograd on the first batch: " + ", ".join(wrong)
+                + ". Something changes these modules' computation (a hook that rescales an output, a patch): "
+                "no rule is exact for them; freeze them or remove the change."
+            )
+        self.verified = True
