@@ -130,9 +130,12 @@ def synthesize(
     sampling: SamplingConfig | None = None,
     seed: int = 0,
     backend_options: dict | None = None,
+    run_dir: Path | None = None,
 ) -> dict:
+    """Generate `count` notes into out_dir. The training guarantee is read from model_dir's
+    privacy report, else from the training run_dir's (the same report the conditioning unit came from)."""
     sampling = sampling or SamplingConfig()
-    training = training_report(model_dir)
+    training = training_report(model_dir, run_dir)
     total = compose(training, distribution)  # refuses mismatched units before anything is generated
     out_dir.mkdir(parents=True, exist_ok=True)
     code_sets = distribution.sample(count, seed)
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
                                     args.conditioning_delta, args.prior, None, privacy_unit=unit)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, batch_size=args.batch_size)
-    print(json.dumps(synthesize(args.model, args.out, args.count, distribution, args.backend, sampling, args.seed), indent=2))
+    manifest = synthesize(args.model, args.out, args.count, distribution, args.backend, sampling, args.seed, run_dir=args.run)
+    print(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,21 @@ def test_synthesize_adds_epsilons_only_at_one_privacy_unit(merged_dir, tmp_path)
     assert manifest["total_epsilon"] == 3.2 and manifest["total_delta"] == 1e-4
 
 
+def test_the_training_report_may_come_from_the_run_when_the_model_folder_has_none(merged_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(merged_dir, model)
+    run = tmp_path / "run"
+    run.mkdir()
+    (model / "privacy_report.json").rename(run / "privacy_report.json")
+    sampling = SamplingConfig(max_new_tokens=4, batch_size=2)
+    release = CodeSetDistribution({"I10": 3.0}, 0.5, 1e-5, "dp-marginals", privacy_unit="patient")
+    assert synthesize(model, tmp_path / "a", 2, release, sampling=sampling, run_dir=run)["total_epsilon"] == pytest.approx(3.7)
+    alone = synthesize(model, tmp_path / "b", 2, release, sampling=sampling)  # no report: no guarantee claimed
+    assert math.isinf(alone["total_epsilon"]) and alone["total_delta"] is None
+
+
 class FakeCompletions(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
