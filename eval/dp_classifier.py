@@ -162,8 +162,7 @@ class DPLoRACoder(Coder):
             "noise_multiplier": engine.noise_multiplier, "sample_rate": engine.sample_rate,
             "steps_taken": engine.steps_taken, "steps_planned": self.steps, "privacy_units": num_units,
             "privacy_unit": self.privacy_unit, "max_grad_norm": self.max_grad_norm,
-            "expected_batch_size": summary["expected_batch_size"], "private": engine.privacy_label is None,
-            **({"note": engine.privacy_label} if engine.privacy_label else {}),
+            "expected_batch_size": summary["expected_batch_size"], **engine.privacy_status(),
             "labels": len(self.labels),
             # Measured on the private batches, not covered by DP: for trusted logs only.
             "train_seconds_nonprivate": time.perf_counter() - started,

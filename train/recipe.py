@@ -167,8 +167,7 @@ def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None
 def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) -> dict:
     return {
         "epsilon": engine.epsilon(),
-        "private": engine.privacy_label is None,  # False: fixed seed, the noise can be recomputed
-        **({"note": engine.privacy_label} if engine.privacy_label else {}),
+        **engine.privacy_status(),  # private: False with a fixed seed (the noise can be recomputed)
         "delta": engine.delta,
         "noise_multiplier": engine.noise_multiplier,
         "sample_rate": engine.sample_rate,

@@ -110,6 +110,10 @@ class PrivacyEngine:
         """None when the randomness is secret; otherwise what every result must say."""
         return None if self.keys.private else NOT_PRIVATE
 
+    def privacy_status(self) -> dict:
+        """What every report of a result trained by this engine carries about its randomness."""
+        return {"private": self.keys.private, **({"note": NOT_PRIVATE} if not self.keys.private else {})}
+
     def _noise_multiplier(self) -> float:
         c = self.config
         if c.noise_multiplier is not None:
