@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast demo demo-real clean
+.PHONY: install test test-fast demo demo-real study clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dpnotes.demo
+
+# The privacy–utility study of docs/results.md (≤ 2 h on 2 CPU cores; re-running resumes).
+study: $(STAMP)
+	$(PY) -m dpnotes.study
 
 demo-real: $(STAMP)
 	$(PY) -m dpnotes.demo --real ../shared/data/mtsamples.csv

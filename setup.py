@@ -11,6 +11,6 @@ for name, folder in ROOTS.items():
 # Data-only folders (no __init__.py): listed as packages so their files ship, e.g. the public
 # MIMIC-III top-50 code list read through importlib.resources.
 packages += ["dpnotes.corpus.data"]
-PACKAGE_DATA = {"dpnotes.corpus.data": ["*.txt"]}
+PACKAGE_DATA = {"dpnotes.corpus.data": ["*.txt", "*.tsv"]}
 
 setup(packages=packages, package_dir=ROOTS, package_data=PACKAGE_DATA)

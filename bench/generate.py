@@ -14,12 +14,15 @@ import time
 
 from dpnotes.corpus.default_code_bank import CODE_BANK
 from dpnotes.generate.backends import SamplingConfig, make_backend
-from dpnotes.prompting import note_prompt
+from dpnotes.prompting import prompt_format_for
 
 
-def prompts(count: int) -> list[str]:
-    codes = [profile.code for profile in CODE_BANK]
-    return [note_prompt(sorted({codes[i % len(codes)], codes[(3 * i + 1) % len(codes)]})) for i in range(count)]
+def prompts(count: int, model: str) -> list[str]:
+    from transformers import AutoTokenizer
+
+    codes, tokenizer = [profile.code for profile in CODE_BANK], AutoTokenizer.from_pretrained(model)
+    prompt = prompt_format_for("default")
+    return [prompt.render(sorted({codes[i % len(codes)], codes[(3 * i + 1) % len(codes)]}), tokenizer) for i in range(count)]
 
 
 def throughput(backend: str, model: str, texts: list[str], sampling: SamplingConfig, **options) -> dict:
@@ -39,7 +42,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32, help="transformers backend")
     args = parser.parse_args()
-    texts = prompts(args.prompts)
+    texts = prompts(args.prompts, args.model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     results = [throughput("transformers", args.model, texts, sampling)]
     if importlib.util.find_spec("vllm") is None:

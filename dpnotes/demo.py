@@ -1,8 +1,10 @@
 """`make demo`: the whole study on the embedded default corpus (or `--real PATH`).
 
-ε ∈ {8, ∞}: DP-LoRA fine-tuning of SmolLM2-135M → merge → 50 synthetic notes conditioned on
-DP-released codes → coders, canary exposure, membership inference, leakage → report. Re-running
-skips finished stages and resumes an interrupted one.
+ε ∈ {8, ∞}: DP-LoRA fine-tuning of SmolLM2-135M → merge → 6 synthetic notes per public label,
+prompted with the codes' titles and conditioned on DP-released code statistics → coders on them,
+a DP coder on the real notes, canary exposure, membership inference, leakage → report. Re-running
+skips finished stages and resumes an interrupted one. `make study` runs the full ε grid on three
+corpora (docs/results.md).
 """
 from __future__ import annotations
 

@@ -38,7 +38,10 @@ class PipelineConfig:
     train_overrides: list[str] = field(default_factory=list)
     epsilons: list[float] = field(default_factory=lambda: [8.0, math.inf])
     launcher: str | None = None  # accelerate config file for multi-process training
-    synthetic_count: int = 50
+    # Synthetic notes per ε: synthetic_count, else synthetic_per_label × the public label space (a coder
+    # needs examples of every label; CMC-2007 has 45 codes, the default corpus 21).
+    synthetic_count: int | None = None
+    synthetic_per_label: int = 10
     conditioning: str = "dp-marginals"  # or "dp-histogram" (whole code sets; large corpora), "prior" (prior_path)
     conditioning_epsilon: float = 1.0
     prior_path: str | None = None
@@ -49,9 +52,11 @@ class PipelineConfig:
     mia_notes: int = 100  # members and as many non-members
     canary_candidates: int = 500
     bootstrap: int = 200
-    dp_coder: bool = True
-    dp_coder_model: str = "minilm"
-    dp_coder_steps: int = 30
+    # DP coders trained on the real notes: kinds of eval.dp_classifier.dp_epsilon_sweep ("hashed",
+    # "probe", "lora"), each at dp_coder_epsilons (None: the generator's epsilons).
+    dp_coders: list[str] = field(default_factory=lambda: ["hashed"])
+    dp_coder_epsilons: list[float] | None = None
+    dp_coder_options: dict = field(default_factory=dict)  # coder kind -> keyword options of its coder
     dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     report_to: str = "wandb"
 
@@ -96,6 +101,17 @@ class Pipeline:
         config = self.train_config(self.config.epsilons[0])
         return split_by_patient(load_corpus_notes(config), seed=config.split_seed)
 
+    @functools.cached_property
+    def labels(self) -> list[str]:
+        """The public label space of the corpus (never the codes found in its notes)."""
+        from dpnotes.corpus.code_lists import public_label_space
+
+        return public_label_space(self.config.dp_coder_labels, self.train_config(self.config.epsilons[0]).corpus)
+
+    @property
+    def synthetic_count(self) -> int:
+        return self.config.synthetic_count or self.config.synthetic_per_label * len(self.labels)
+
     # ---- stages ----------------------------------------------------------------------------------
     def train(self, epsilon: float) -> dict:
         config = self.train_config(epsilon)
@@ -133,7 +149,8 @@ class Pipeline:
         out = self.run_dir(epsilon) / "synthetic"
         manifest = read_json(out / MANIFEST)
         trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
-        if (manifest and manifest["count"] == c.synthetic_count and len(read_done(out / NOTES)) == c.synthetic_count
+        count = self.synthetic_count
+        if (manifest and manifest["count"] == count and len(read_done(out / NOTES)) == count
                 and manifest["training"]["config_hash"] == trained.get("config_hash")
                 and "privacy_unit" in manifest["conditioning"]):  # older manifests added ε across units
             log(f"generate {epsilon_tag(epsilon)}: done, skipped")
@@ -143,8 +160,8 @@ class Pipeline:
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
                                         Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
-        log(f"generate {epsilon_tag(epsilon)}: {c.synthetic_count} notes with {c.generation_backend}")
-        return synthesize(self.run_dir(epsilon) / "merged", out, c.synthetic_count, distribution,
+        log(f"generate {epsilon_tag(epsilon)}: {count} notes with {c.generation_backend}")
+        return synthesize(self.run_dir(epsilon) / "merged", out, count, distribution,
                           c.generation_backend, sampling, seed=0)
 
     def evaluate(self, epsilon: float) -> dict:
@@ -164,20 +181,44 @@ class Pipeline:
         return result
 
     def baselines(self) -> dict:
-        from dpnotes.eval.stages import coder_baselines
+        """The coder on real notes, and each DP coder at each ε: one file per result, so an interrupted
+        run resumes at the next missing one."""
+        from dpnotes.eval.dp_classifier import format_epsilon
+        from dpnotes.eval.stages import dp_coder_baseline, real_coder_baseline
 
-        key = digest(asdict(self.config), self.train_config(self.config.epsilons[0]).fingerprint())
-        done = read_json(self.root / "baselines.json")
-        if done and done.get("inputs_hash") == key:
+        c, train = self.config, self.train_config(self.config.epsilons[0])
+        data_key = (train.corpus, train.corpus_patients, train.canaries, train.split_seed, c.bootstrap)
+        folder = self.root / "baselines"
+        folder.mkdir(exist_ok=True)
+        computed = []
+
+        def cached(name: str, key: str, compute) -> dict:
+            done = read_json(folder / f"{name}.json")
+            if done and done.get("inputs_hash") == key:
+                return done
+            log(f"baselines: {name}")
+            computed.append(name)
+            result = {**compute(), "inputs_hash": key}
+            (folder / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+            return result
+
+        result = {"real_tfidf": cached("real_tfidf", digest(data_key), lambda: real_coder_baseline(self.splits, c.bootstrap))}
+        sweeps = {}
+        for coder in c.dp_coders:
+            options = c.dp_coder_options.get(coder, {})
+            by_epsilon = {}
+            for epsilon in c.dp_coder_epsilons or c.epsilons:
+                tag = format_epsilon(epsilon)
+                by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels),
+                                         lambda: dp_coder_baseline(self.splits, self.labels, coder, epsilon, c.bootstrap, options))
+            sweeps[coder] = {"by_epsilon": by_epsilon,
+                             "weighted_f1": {tag: r["metrics"]["weighted_f1"] for tag, r in by_epsilon.items()}}
+        if sweeps:
+            result["dp_coder"] = sweeps
+        if computed or not (self.root / "baselines.json").exists():
+            (self.root / "baselines.json").write_text(json.dumps(result, indent=2, default=str))
+        else:
             log("baselines: done, skipped")
-            return done
-        log("baselines: coder on real notes, and DP-LoRA coders on real notes per ε")
-        from dpnotes.corpus.code_lists import public_label_space
-
-        labels = public_label_space(self.config.dp_coder_labels, self.train_config(self.config.epsilons[0]).corpus)
-        result = coder_baselines(self.splits, self.config, labels)
-        result["inputs_hash"] = key
-        (self.root / "baselines.json").write_text(json.dumps(result, indent=2, default=str))
         return result
 
     def report(self) -> Path:

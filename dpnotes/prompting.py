@@ -1,23 +1,99 @@
-"""The codes → note prompt format shared by training and generation.
+"""The codes → note prompt, one format for training, generation and the privacy evaluation.
 
-Control codes come first so that generation can condition on them; training masks the prompt
-out of the loss, so the model learns p(note | codes) and never spends privacy budget on
-learning the (private) code distribution itself.
+The prompt carries public knowledge only, so it costs no ε: the kind of document a corpus holds
+(from the corpus's public description) and the titles its code system gives the note's codes
+(ICD-10-CM from `simple_icd_10_cm`, ICD-9-CM from the CMS list shipped in dpnotes/corpus/data, a
+specialty is its own title). It is an instruction in the model's chat template when the model has
+one: the pretrained model then already writes a plausible note from it, and DP fine-tuning only has
+to nudge it towards the corpus (Li et al. 2021; Yue et al. 2023 — bare "Codes: I10" prompts left a
+135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
+p(note | codes) and spends no budget on the (private) code distribution, which is released
+separately (generate/conditioning.py).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
 
-CODES_PREFIX = "Codes: "
-NOTE_HEADER = "\nNote:\n"
+from dpnotes.corpus.code_lists import corpus_kind
+
+CODE_SYSTEMS = ("icd10cm", "icd9cm", "icd", "specialty", "none")  # "icd": ICD-10-CM, else ICD-9-CM (MIMIC-IV)
+PLAIN_NOTE_HEADER = "\nNote:\n"  # ends the prompt of a model without a chat template
+SYSTEM_MESSAGE = "You are a physician who writes realistic, concise clinical documentation."
 
 
-def note_prompt(codes: Sequence[str]) -> str:
-    return f"{CODES_PREFIX}{'; '.join(codes)}{NOTE_HEADER}"
+@functools.cache
+def _icd9_titles() -> dict[str, str]:
+    text = resources.files("dpnotes.corpus").joinpath("data", "icd9cm_titles.tsv").read_text(encoding="utf-8")
+    rows = (line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {code: title for code, title in rows}
 
 
-def codes_from_prompt(prompt: str) -> list[str]:
-    if not prompt.startswith(CODES_PREFIX) or NOTE_HEADER not in prompt:
-        raise ValueError("not a dpnotes prompt: expected 'Codes: ...\\nNote:\\n'")
-    listed = prompt[len(CODES_PREFIX) : prompt.index(NOTE_HEADER)]
-    return [code for code in listed.split("; ") if code]
+def _icd10_title(code: str) -> str | None:
+    import simple_icd_10_cm as icd10
+
+    return icd10.get_description(code) if icd10.is_valid_item(code) else None
+
+
+def code_title(system: str, code: str) -> str:
+    """The public title of `code` in `system`, or the bare code when the system has none for it."""
+    if system == "specialty":
+        return code
+    title = None
+    if system in ("icd10cm", "icd"):
+        title = _icd10_title(code)
+    if title is None and system in ("icd9cm", "icd"):
+        title = _icd9_titles().get(code)
+    return f"{title} ({code})" if title else code
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    document: str = "clinical note"  # what the instruction asks for, e.g. "hospital discharge summary"
+    code_system: str = "none"  # one of CODE_SYSTEMS: where code titles come from
+    chat_template: bool = True  # phrase it in the tokenizer's chat template when there is one
+
+    def __post_init__(self):
+        if self.code_system not in CODE_SYSTEMS:
+            raise ValueError(f"prompt code_system must be one of {CODE_SYSTEMS}, got {self.code_system!r}")
+
+    def instruction(self, codes: Sequence[str]) -> str:
+        heading = "Specialty" if self.code_system == "specialty" else "Diagnoses"
+        return f"Write a {self.document}.\n{heading}: {'; '.join(code_title(self.code_system, c) for c in codes)}"
+
+    def render(self, codes: Sequence[str], tokenizer=None) -> str:
+        """The prompt text, ending where the note begins."""
+        instruction = self.instruction(codes)
+        if self.chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": instruction}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return instruction + PLAIN_NOTE_HEADER
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# What each corpus kind holds, from the data sets' public descriptions.
+CORPUS_PROMPTS = {
+    "default": PromptFormat("hospital discharge summary", "icd10cm"),
+    "mimic3": PromptFormat("hospital discharge summary", "icd9cm"),
+    "mimic4": PromptFormat("hospital discharge summary", "icd"),
+    "cmc2007": PromptFormat("pediatric radiology report with a clinical history and an impression", "icd9cm"),
+    "mtsamples": PromptFormat("medical transcription report", "specialty"),
+}
+
+
+def prompt_format_for(corpus: str | None) -> PromptFormat:
+    """The prompt format of a corpus spec (see `corpus_kind`); unknown kinds get a generic one."""
+    return CORPUS_PROMPTS.get(corpus_kind(corpus), PromptFormat())
+
+
+def prompt_format_from(report: dict | None, where: str = "the training run") -> PromptFormat:
+    """The format a training run recorded in its privacy report: generation and the privacy
+    evaluation must prompt exactly as training did."""
+    recorded = (report or {}).get("prompt_format")
+    if not recorded:
+        raise ValueError(f"{where} recorded no prompt format (trained before formats were recorded): retrain it")
+    return PromptFormat(**recorded)

@@ -221,6 +221,20 @@ def cmd_dp_classifier(args) -> dict:
     return {"command": "dp-classifier", **sweep}
 
 
+def _training_prompt(model: str, tokenizer):
+    """codes -> the prompt the model was trained with, from the privacy report in its folder."""
+    from dpnotes.prompting import prompt_format_from
+
+    report = Path(model) / "privacy_report.json"
+    if not report.is_file():
+        raise CLIError(f"{model}: no privacy_report.json with the training prompt format (use --no-prompt for bare text)")
+    try:
+        prompt = prompt_format_from(json.loads(report.read_text()), str(model))
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    return lambda codes: prompt.render(codes, tokenizer)
+
+
 def cmd_privacy(args) -> dict:
     from dpnotes.eval import privacy
 
@@ -233,9 +247,10 @@ def cmd_privacy(args) -> dict:
         from dpnotes.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(args.model)
+        prompt_of = None if args.no_prompt else _training_prompt(args.model, tokenizer)
     if args.canaries_from:
         notes = load_notes(args.canaries_from, None, "canary notes")
-        canaries, contexts = privacy.canary_contexts(notes, with_prompt=not args.no_prompt)
+        canaries, contexts = privacy.canary_contexts(notes, prompt_of)
         if not canaries:
             raise CLIError(f"{args.canaries_from}: no note has metadata['canary']")
         exposure = privacy.canary_exposure(model, tokenizer, canaries, contexts, n_candidates=args.candidates, seed=args.seed)
@@ -248,8 +263,8 @@ def cmd_privacy(args) -> dict:
         members = load_notes(args.members, None, "members")[: args.max_notes]
         nonmembers = load_notes(args.nonmembers, None, "non-members")[: args.max_notes]
         mia = privacy.membership_inference(
-            privacy.note_losses(model, tokenizer, members, with_prompt=not args.no_prompt, max_length=args.max_length),
-            privacy.note_losses(model, tokenizer, nonmembers, with_prompt=not args.no_prompt, max_length=args.max_length))
+            privacy.note_losses(model, tokenizer, members, prompt_of, max_length=args.max_length),
+            privacy.note_losses(model, tokenizer, nonmembers, prompt_of, max_length=args.max_length))
         result["membership_inference"] = mia
         rows += [["MIA AUC", mia["auc"]], ["MIA TPR @ 1% FPR", mia["tpr_at_0.01_fpr"]]]
     if args.synthetic:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from dpnotes.corpus.schema import Note
-from dpnotes.prompting import note_prompt
 
 CANARY_KEY = "canary"  # dpnotes.corpus.synthetic_default.CANARY_KEY
 
@@ -173,9 +172,12 @@ def canary_exposure(
     }
 
 
-def canary_contexts(notes: Sequence[Note], with_prompt: bool = True) -> tuple[list[str], list[str]]:
+PromptOf = Callable[[Sequence[str]], str]  # codes -> the training prompt (PromptFormat.render with the tokenizer)
+
+
+def canary_contexts(notes: Sequence[Note], prompt_of: PromptOf | None = None) -> tuple[list[str], list[str]]:
     """(canaries, contexts) for notes with `metadata["canary"]`: the context is the note text before
-    the canary line, preceded by the training prompt `note_prompt(codes)` when `with_prompt`."""
+    the canary line, preceded by the training prompt `prompt_of(codes)` when given."""
     canaries, contexts = [], []
     for note in notes:
         canary = note.metadata.get(CANARY_KEY)
@@ -184,17 +186,17 @@ def canary_contexts(notes: Sequence[Note], with_prompt: bool = True) -> tuple[li
         position = note.text.find(canary)
         prefix = note.text[:position] if position >= 0 else ""
         canaries.append(canary)
-        contexts.append((note_prompt(note.codes) if with_prompt else "") + prefix)
+        contexts.append((prompt_of(note.codes) if prompt_of else "") + prefix)
     return canaries, contexts
 
 
 # ---------------------------------------------------------------------------------------------
 # (b) Loss-based membership inference
 # ---------------------------------------------------------------------------------------------
-def note_losses(model, tokenizer, notes: Sequence[Note], with_prompt: bool = True, batch_size: int = 8,
+def note_losses(model, tokenizer, notes: Sequence[Note], prompt_of: PromptOf | None = None, batch_size: int = 8,
                 max_length: int | None = 512) -> np.ndarray:
-    """Mean token NLL of each note's text (given `note_prompt(codes)`, the training format)."""
-    contexts = [note_prompt(n.codes) if with_prompt else "" for n in notes]
+    """Mean token NLL of each note's text, given `prompt_of(codes)` (the training prompt) when given."""
+    contexts = [prompt_of(n.codes) if prompt_of else "" for n in notes]
     totals, counts = sequence_nll(model, tokenizer, [n.text for n in notes], contexts, batch_size, max_length)
     return totals / np.maximum(counts, 1)
 

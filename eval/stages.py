@@ -2,6 +2,7 @@
 coder baselines on real notes (non-private and DP-LoRA per ε)."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from dpnotes.eval.coders import TfidfCoder, compare_train_sets, evaluate_coder
 from dpnotes.eval.fidelity import fidelity_report
 from dpnotes.eval.privacy import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
 from dpnotes.generate.synthesize import load_synthetic
+from dpnotes.prompting import prompt_format_from
 
 
 def _sample(notes: list[Note], count: int, seed: int = 0) -> list[Note]:
@@ -30,8 +32,13 @@ def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> 
     merged = run_dir / "merged"
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
+    prompt = prompt_format_from(json.loads((merged / "privacy_report.json").read_text()), str(merged))
+
+    def prompt_of(codes):
+        return prompt.render(codes, tokenizer)
+
     privacy: dict = {}
-    canaries, contexts = canary_contexts(train + dev + test)
+    canaries, contexts = canary_contexts(train + dev + test, prompt_of)
     if canaries:
         # Canaries of held-out patients are the control: the model never saw them.
         exposure = canary_exposure(model, tokenizer, canaries, contexts, n_candidates=config.canary_candidates)
@@ -43,8 +50,8 @@ def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> 
             exposure[f"mean_{group}_exposure"] = sum(values) / len(values) if values else None
         privacy["exposure"] = exposure
     with torch.no_grad():
-        members = note_losses(model, tokenizer, _sample(train, config.mia_notes))
-        nonmembers = note_losses(model, tokenizer, _sample(test, config.mia_notes))
+        members = note_losses(model, tokenizer, _sample(train, config.mia_notes), prompt_of)
+        nonmembers = note_losses(model, tokenizer, _sample(test, config.mia_notes), prompt_of)
     privacy["membership_inference"] = membership_inference(members, nonmembers)
     privacy["verbatim"] = verbatim_leakage([n.text for n in synthetic], [n.text for n in train],
                                            canaries=canary_secrets(train))
@@ -52,14 +59,16 @@ def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> 
     return {"coders": coders, "privacy": privacy, "fidelity": fidelity, "synthetic_notes": len(synthetic)}
 
 
-def coder_baselines(splits: dict[str, list[Note]], config, dp_labels: list[str]) -> dict:
-    """The coder trained on real notes (no privacy), and DP-LoRA coders on real notes per ε over
-    the public label list `dp_labels`."""
-    from dpnotes.eval.dp_classifier import dp_epsilon_sweep
+def real_coder_baseline(splits: dict[str, list[Note]], bootstrap: int) -> dict:
+    """The coder trained on the real train notes (no privacy): the ceiling synthetic notes aim at."""
+    return evaluate_coder(TfidfCoder(), splits["train"], splits["dev"], splits["test"], n_bootstrap=bootstrap)
 
-    train, dev, test = splits["train"], splits["dev"], splits["test"]
-    result = {"real_tfidf": evaluate_coder(TfidfCoder(), train, dev, test, n_bootstrap=config.bootstrap)}
-    if config.dp_coder:
-        result["dp_coder"] = dp_epsilon_sweep(train, dev, test, dp_labels, epsilons=config.epsilons, n_bootstrap=config.bootstrap,
-                                              model=config.dp_coder_model, steps=config.dp_coder_steps, log=print)
-    return result
+
+def dp_coder_baseline(splits: dict[str, list[Note]], labels: list[str], coder: str, epsilon: float, bootstrap: int,
+                      options: dict) -> dict:
+    """One DP coder of kind `coder` trained on the real notes at ε over the public `labels`."""
+    from dpnotes.eval.dp_classifier import dp_epsilon_sweep, format_epsilon
+
+    sweep = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], labels, epsilons=[epsilon],
+                             n_bootstrap=bootstrap, coder=coder, log=print, **options)
+    return sweep["by_epsilon"][format_epsilon(epsilon)]

@@ -34,7 +34,7 @@ from dpnotes.generate.conditioning import (
     dp_code_set_histogram,
     prior_distribution,
 )
-from dpnotes.prompting import note_prompt
+from dpnotes.prompting import PromptFormat, prompt_format_from
 
 NOTES = "notes.jsonl"
 CONDITIONING = "conditioning.json"
@@ -131,12 +131,18 @@ def synthesize(
     seed: int = 0,
     backend_options: dict | None = None,
     run_dir: Path | None = None,
+    prompt: PromptFormat | None = None,
 ) -> dict:
     """Generate `count` notes into out_dir. The training guarantee is read from model_dir's
-    privacy report, else from the training run_dir's (the same report the conditioning unit came from)."""
+    privacy report, else from the training run_dir's (the same report the conditioning unit came from);
+    so is the prompt format, unless `prompt` is given (a model that was never trained by dpnotes)."""
+    from transformers import AutoTokenizer
+
     sampling = sampling or SamplingConfig()
     training = training_report(model_dir, run_dir)
     total = compose(training, distribution)  # refuses mismatched units before anything is generated
+    prompt = prompt or prompt_format_from(training, f"the model in {model_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     code_sets = distribution.sample(count, seed)
     notes_path = out_dir / NOTES
@@ -149,7 +155,7 @@ def synthesize(
     with notes_path.open("a") as sink, tqdm(total=count, initial=len(done), desc="synthetic notes", unit="note") as bar:
         for start in todo:
             indices = list(range(start, min(start + step, count)))
-            outputs = engine.generate([note_prompt(code_sets[i]) for i in indices], start, seed, sampling)
+            outputs = engine.generate([prompt.render(code_sets[i], tokenizer) for i in indices], start, seed, sampling)
             for index, output in zip(indices, outputs):
                 if index in done:
                     continue
@@ -168,6 +174,7 @@ def synthesize(
         "written_this_run": written,
         "seed": seed,
         "sampling": asdict(sampling),
+        "prompt_format": prompt.to_dict(),
         "seconds": elapsed,
         "new_tokens": new_tokens,
         "tokens_per_second": new_tokens / elapsed if elapsed > 0 and new_tokens else None,

@@ -26,9 +26,14 @@ from dpnotes.eval.privacy import (
     verbatim_leakage,
     words,
 )
+from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.tiny_models import tiny_llama
 
 CANARY = "Patient name: Orla Quenby, MRN 48213907"
+
+
+def prompt_of(codes):  # the plain (no chat template) training prompt of the default corpus
+    return prompt_format_for("default").render(codes)
 
 
 TEXTS = [
@@ -61,9 +66,7 @@ def memorised(tokenizer):
                   Note("h1", "p3", "DISCHARGE SUMMARY\nChief complaint: fever and dysuria for two days.", ["N39.0"])]
     model = tiny_llama(vocab=len(tokenizer), hidden=32, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    from dpnotes.prompting import note_prompt
-
-    texts = [note_prompt(n.codes) + n.text for n in members]
+    texts = [prompt_of(n.codes) + n.text for n in members]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.train()
@@ -122,8 +125,8 @@ def test_sequence_nll_matches_model_loss(tokenizer):
 
 def test_exposure_of_a_memorised_canary_is_maximal(memorised, tokenizer):
     model, members, _ = memorised
-    canaries, contexts = canary_contexts(members)
-    assert canaries == [CANARY] and contexts[0].endswith("DISCHARGE SUMMARY\n") and contexts[0].startswith("Codes: J18.9")
+    canaries, contexts = canary_contexts(members, prompt_of)
+    assert canaries == [CANARY] and contexts[0].endswith("DISCHARGE SUMMARY\n") and contexts[0].startswith(prompt_of(["J18.9"]))
     trained = canary_exposure(model, tokenizer, canaries, contexts, n_candidates=63)
     assert trained["per_canary"][0]["rank"] == 1 and trained["max_exposure"] == pytest.approx(6.0)
     fresh = canary_exposure(tiny_llama(vocab=len(tokenizer), seed=0), tokenizer, canaries, contexts, n_candidates=63)
@@ -132,7 +135,7 @@ def test_exposure_of_a_memorised_canary_is_maximal(memorised, tokenizer):
 
 def test_membership_inference_on_memorised_notes(memorised, tokenizer):
     model, members, nonmembers = memorised
-    mia = membership_inference(note_losses(model, tokenizer, members), note_losses(model, tokenizer, nonmembers))
+    mia = membership_inference(note_losses(model, tokenizer, members, prompt_of), note_losses(model, tokenizer, nonmembers, prompt_of))
     assert mia["auc"] == 1.0 and mia["mean_member_loss"] < mia["mean_nonmember_loss"]
 
 

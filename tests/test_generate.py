@@ -21,11 +21,12 @@ from dpnotes.generate.conditioning import (
 )
 from dpnotes.generate.merge import merge_run
 from dpnotes.generate.synthesize import CONDITIONING, MANIFEST, NOTES, conditioning_for, load_synthetic, synthesize
-from dpnotes.prompting import codes_from_prompt, note_prompt
+from dpnotes.prompting import prompt_format_for
 from dpnotes.train.dp.accounting import compute_epsilon
 
 REPORT = {"epsilon": 3.2, "delta": 1e-4, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 40, "max_grad_norm": 1.0,
-          "privacy_unit": "patient", "privacy_units": 300, "accountant": "rdp", "corpus": "default", "config_hash": "abc"}
+          "privacy_unit": "patient", "privacy_units": 300, "accountant": "rdp", "corpus": "default", "config_hash": "abc",
+          "prompt_format": prompt_format_for("default").to_dict()}
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,6 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(run_dir, merged_dir,
     assert "| ε | 3.2 |" in card and "| training config hash | abc |" in card
     assert "accounted at the same privacy unit\n(patient)" in card and "manifest.json" in card
     assert (merged_dir / "model.safetensors").exists()
-
-
-def test_prompt_round_trip():
-    codes = ["I10", "E11.9", "J44.9"]
-    assert codes_from_prompt(note_prompt(codes)) == codes
-    with pytest.raises(ValueError):
-        codes_from_prompt("Note: nothing")
 
 
 def notes_with_code_sets(sets_and_counts):
@@ -225,8 +219,10 @@ def test_the_training_report_may_come_from_the_run_when_the_model_folder_has_non
     sampling = SamplingConfig(max_new_tokens=4, batch_size=2)
     release = CodeSetDistribution({"I10": 3.0}, 0.5, 1e-5, "dp-marginals", privacy_unit="patient")
     assert synthesize(model, tmp_path / "a", 2, release, sampling=sampling, run_dir=run)["total_epsilon"] == pytest.approx(3.7)
-    alone = synthesize(model, tmp_path / "b", 2, release, sampling=sampling)  # no report: no guarantee claimed
-    assert math.isinf(alone["total_epsilon"]) and alone["total_delta"] is None
+    with pytest.raises(ValueError, match="recorded no prompt format"):  # nothing says how it was trained
+        synthesize(model, tmp_path / "b", 2, release, sampling=sampling)
+    alone = synthesize(model, tmp_path / "b", 2, release, sampling=sampling, prompt=prompt_format_for("default"))
+    assert math.isinf(alone["total_epsilon"]) and alone["total_delta"] is None  # no report: no guarantee claimed
 
 
 class FakeCompletions(BaseHTTPRequestHandler):
@@ -251,7 +247,7 @@ def test_vllm_server_client_speaks_the_openai_completions_protocol():
     thread.start()
     try:
         backend = make_backend("vllm-server", "merged", url=f"http://127.0.0.1:{server.server_port}")
-        out = backend.generate([note_prompt(["I10"]), note_prompt(["J44.9"])], 4, 2, SamplingConfig())
+        out = backend.generate(["Codes: I10\nNote:\n", "Codes: J44.9\nNote:\n"], 4, 2, SamplingConfig())
     finally:
         server.shutdown()
     assert [o.text for o in out] == ["note for Codes: I10 seed 2000010", "note for Codes: J44.9 seed 2000011"]
@@ -261,7 +257,7 @@ def test_vllm_server_client_speaks_the_openai_completions_protocol():
 def test_vllm_backend_needs_the_optional_extra(merged_dir):
     pytest.importorskip("vllm", reason="vLLM is an optional extra (CUDA); its engine is exercised on GPU machines")
     backend = make_backend("vllm", str(merged_dir), gpu_memory_utilization=0.3)
-    assert len(backend.generate([note_prompt(["I10"])], 0, 0, SamplingConfig(max_new_tokens=8))) == 1
+    assert len(backend.generate(["Codes: I10\nNote:\n"], 0, 0, SamplingConfig(max_new_tokens=8))) == 1
 
 
 def test_unknown_backend_is_named():

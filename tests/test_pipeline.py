@@ -21,7 +21,7 @@ def study(tiny_model_dir, tmp_path_factory):
         "conditioning=prior", f"prior_path={prior}",
         "synthetic_count=8", "max_new_tokens=12", "generation_batch_size=4",
         "mia_notes=10", "canary_candidates=20", "bootstrap=20",
-        "dp_coder=false", "report_to=none",
+        "dp_coders=[]", "report_to=none",
     ])
     report = Pipeline(config).run()
     return config, root, report

@@ -91,3 +91,18 @@ def test_output_dir_of_another_config_is_refused(tmp_path, tiny_model_dir):
     run(tmp_path, tiny_model_dir, "taken")
     with pytest.raises(ValueError, match="another configuration"):
         run(tmp_path, tiny_model_dir, "taken", "learning_rate=0.5")
+
+
+def test_lora_on_the_top_layers_only_adapts_those_layers_and_stays_exact():
+    from dpnotes.testing.dp_oracle import assert_clipper_matches_oracle
+    from dpnotes.testing.tiny_models import prompt_masked_batch, tiny_llama
+    from dpnotes.train.dp.losses import causal_lm_losses
+    from dpnotes.train.model_setup import TrainableConfig, prepare_trainable
+
+    model = prepare_trainable(tiny_llama(layers=3), TrainableConfig(lora_rank=2, lora_targets=["q_proj", "v_proj"],
+                                                                     lora_top_layers=1))
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"2"}
+    assert_clipper_matches_oracle(model, causal_lm_losses, prompt_masked_batch(), "ghost")
+    with pytest.raises(ValueError, match="lora_top_layers must be in"):
+        prepare_trainable(tiny_llama(layers=3), TrainableConfig(lora_top_layers=4))

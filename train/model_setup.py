@@ -15,6 +15,9 @@ class TrainableConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Adapt only the top N decoder layers (None: all). Below the lowest adapted layer nothing needs a
+    # gradient, so backward stops there (no activation gradients through the frozen lower layers).
+    lora_top_layers: int | None = None
     untie_embeddings: bool = True  # full fine-tuning only: tied weights have no per-example rule
 
 
@@ -43,8 +46,15 @@ def prepare_trainable(model: PreTrainedModel, config: TrainableConfig) -> nn.Mod
         for param in model.parameters():
             param.requires_grad_(True)
         return model
+    layers = None
+    if config.lora_top_layers is not None:
+        depth = model.config.get_text_config().num_hidden_layers
+        if not 0 < config.lora_top_layers <= depth:
+            raise ValueError(f"trainable.lora_top_layers must be in [1, {depth}] for this model, got {config.lora_top_layers}")
+        layers = list(range(depth - config.lora_top_layers, depth))
     lora = LoraConfig(
         r=config.lora_rank,
+        layers_to_transform=layers,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_targets,

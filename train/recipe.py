@@ -179,6 +179,7 @@ def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) 
         "target_epsilon": config.privacy.target_epsilon,
         "corpus": config.corpus,
         "model": config.model,
+        "prompt_format": config.prompt_format().to_dict(),  # generation and evaluation prompt the same way
         "config_hash": config.fingerprint(),
         "world_size": world_size,
     }
@@ -197,7 +198,7 @@ def train(config: TrainConfig) -> dict:
     model, tokenizer = load_causal_lm(config.model, dtype=dtype)
     model = prepare_trainable(model, config.trainable).to(accelerator.device)
     model.train()
-    data = tokenize_notes(notes, tokenizer, config.max_length)
+    data = tokenize_notes(notes, tokenizer, config.max_length, config.prompt_format())
     patient_unit = config.privacy.privacy_unit == "patient"
     examples_of_unit = data.examples_of_patient() if patient_unit else None
     engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.train.dp.engine import PrivacyConfig
 from dpnotes.train.model_setup import TrainableConfig
 
@@ -33,12 +34,17 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "sgd" (plain SGD: the update reads the DP gradient directly; tests)
     save_full_model: bool = False  # also write every weight (gathered under ZeRO-3) to output_dir/full_model
     report_to: str = "wandb"  # or "none"; W&B runs offline unless WANDB_MODE says otherwise
+    prompt: PromptFormat | None = None  # None: the corpus kind's format (dpnotes.prompting.CORPUS_PROMPTS)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def prompt_format(self) -> PromptFormat:
+        return self.prompt or prompt_format_for(self.corpus)
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the result (not where it is written)."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "report_to", "save_every", "save_full_model")}
+        content["prompt"] = self.prompt_format().to_dict()  # the derived format too: it shapes every example
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpnotes.corpus import Note
-from dpnotes.prompting import note_prompt
+from dpnotes.prompting import PromptFormat
 from dpnotes.train.dp.losses import IGNORE_INDEX
 
 
@@ -42,13 +42,15 @@ class TokenizedNotes:
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def tokenize_notes(notes: list[Note], tokenizer: PreTrainedTokenizerBase, max_length: int) -> TokenizedNotes:
-    """prompt(codes) + text + eos, truncated to max_length; only the note text carries loss."""
+def tokenize_notes(notes: list[Note], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   prompt: PromptFormat) -> TokenizedNotes:
+    """prompt(codes) + text + eos, truncated to max_length; only the note text and eos carry loss
+    (eos is the chat template's end of turn for chat models, so generation stops where notes end)."""
     input_ids, labels = [], []
     for note in notes:
-        prompt = tokenizer(note_prompt(note.codes), add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt.render(note.codes, tokenizer), add_special_tokens=False)["input_ids"]
         body = tokenizer(note.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + body)[:max_length]
+        ids = (prompt_ids + body)[:max_length]
         input_ids.append(ids)
-        labels.append(([IGNORE_INDEX] * len(prompt) + body)[:max_length])
+        labels.append(([IGNORE_INDEX] * len(prompt_ids) + body)[:max_length])
     return TokenizedNotes(input_ids, labels, [note.patient_id for note in notes], tokenizer.pad_token_id)

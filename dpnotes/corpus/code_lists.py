@@ -21,6 +21,7 @@ CODE_LISTS = {
 ALL_CODES = "all"  # `codes="all"` is `codes=None`, for option strings (e.g. `--option codes=all`)
 DEFAULT_CORPUS = "default-corpus"  # the embedded corpus's code bank (ICD-10-CM codes)
 
+CORPUS_KINDS = ("default", "mimic3", "mimic4", "cmc2007", "mtsamples", "notes")
 # The public label space of each corpus kind the project reads, by corpus spec prefix.
 CORPUS_LABELS = {"default": DEFAULT_CORPUS, "mimic3": "mimic3-top50", "cmc2007": "cmc2007",
                  "mtsamples": "mtsamples-specialties"}
@@ -67,12 +68,24 @@ def resolve_code_list(codes: str | Path | Sequence[str] | None) -> frozenset[str
     raise CorpusError("codes", f"code list must be None, a name, a path or a list of strings, got {type(codes).__name__}")
 
 
+def corpus_kind(corpus: str | Path | None) -> str | None:
+    """The kind of corpus a spec names ("default", "cmc2007", "mimic3", "mimic4", "mtsamples",
+    "notes"): its prefix, or for a plain path what `load_corpus` reads it as; None when unknown."""
+    text = "" if corpus is None else str(corpus)
+    prefix, has_prefix, _ = text.partition(":")
+    if text == "default" or (has_prefix and prefix in CORPUS_KINDS):
+        return prefix
+    if Path(text).name.lower() == "mtsamples.csv":
+        return "mtsamples"
+    return "cmc2007" if Path(text).suffix.lower() == ".xml" else None
+
+
 def public_label_space(labels: str | Path | Sequence[str] | None, corpus: str | None = None) -> list[str]:
     """The sorted public label list of a DP coder: `labels` (a list name, file or sequence), or,
     when None, the public list of the corpus kind `corpus` names ("default", "cmc2007:...",
     "mimic3:...", "mtsamples:..."). Anything else needs an explicit list."""
     if labels is None and corpus is not None:
-        labels = CORPUS_LABELS.get(str(corpus).partition(":")[0] if ":" in str(corpus) else str(corpus))
+        labels = CORPUS_LABELS.get(corpus_kind(corpus))
     if labels is None:
         raise CorpusError(
             str(corpus), "no public label space for this corpus: give a label list (a file with one code per line, "
