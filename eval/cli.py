@@ -193,6 +193,16 @@ def cmd_coders(args) -> dict:
     return {"command": "coders", "coder": args.coder, "results": results}
 
 
+def _dp_coder_options(args) -> dict:
+    """The options given on the command line; the others keep the chosen coder's defaults."""
+    given = {"model": args.model, "max_length": args.max_length, "steps": args.steps,
+             "expected_batch_size": args.batch_size, "lr": args.lr, "max_grad_norm": args.max_grad_norm}
+    options = {name: value for name, value in given.items() if value is not None}
+    if args.coder == "hashed" and {"model", "max_length"} & set(options):
+        raise CLIError("--model and --max-length configure an encoder: --coder hashed has none")
+    return options
+
+
 def cmd_dp_classifier(args) -> dict:
     from dpnotes.eval.dp_classifier import dp_epsilon_sweep, parse_epsilon
 
@@ -204,16 +214,14 @@ def cmd_dp_classifier(args) -> dict:
     if not epsilons:
         raise CLIError("--epsilons is empty")
     sweep = dp_epsilon_sweep(train, dev, test, labels, epsilons, n_bootstrap=args.bootstrap, seed=args.seed,
-                             privacy_seed=args.privacy_seed,
-                             log=lambda message: print(message, file=sys.stderr), model=args.model, steps=args.steps,
-                             expected_batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                             max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit)
+                             log=lambda message: print(message, file=sys.stderr), coder=args.coder,
+                             privacy_seed=args.privacy_seed, privacy_unit=args.privacy_unit, **_dp_coder_options(args))
     rows = []
     for eps, r in sweep["by_epsilon"].items():
         p = r["privacy"]
         rows.append([eps, p["epsilon_spent"], p["noise_multiplier"], p["steps_taken"], r["metrics"]["weighted_f1"],
                      r.get("ci", {}).get("weighted_f1", "-"), r["metrics"]["micro_f1"], r["metrics"]["macro_f1"]])
-    title = f"DP-LoRA classifier (n_train={len(train)}, n_test={len(test)}, {len(labels)} public labels)"
+    title = f"DP {args.coder} coder (n_train={len(train)}, n_test={len(test)}, {len(labels)} public labels)"
     if args.privacy_seed is not None:
         title += " — NOT PRIVATE: fixed seed"
     print_table(title,
@@ -349,15 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     coders.add_argument("--max-length", type=int, default=256)
     coders.set_defaults(func=cmd_coders)
 
-    dp = sub.add_parser("dp-classifier", help="DP-LoRA encoder classifier at several ε")
+    dp = sub.add_parser("dp-classifier", help="DP coder (DP-LoRA, DP linear probe, DP hashed n-grams) at several ε")
     _add_split_args(dp)
+    dp.add_argument("--coder", choices=("lora", "probe", "hashed"), default="lora",
+                    help="lora: DP-LoRA MiniLM; probe: DP linear probe on frozen MiniLM features; "
+                         "hashed: DP logistic regression on hashed word n-grams")
     dp.add_argument("--epsilons", default="0.01,0.1,1,10,inf")
-    dp.add_argument("--model", default="minilm")
-    dp.add_argument("--steps", type=int, default=100)
-    dp.add_argument("--batch-size", type=int, default=64, help="expected logical batch size")
-    dp.add_argument("--lr", type=float, default=2e-3)
-    dp.add_argument("--max-length", type=int, default=128)
-    dp.add_argument("--max-grad-norm", type=float, default=1.0)
+    # Unset options keep the chosen coder's defaults (they differ: a linear head wants larger
+    # batches and learning rates than LoRA).
+    dp.add_argument("--model", help="encoder alias or folder (lora, probe; default minilm)")
+    dp.add_argument("--steps", type=int)
+    dp.add_argument("--batch-size", type=int, help="expected logical batch size")
+    dp.add_argument("--lr", type=float)
+    dp.add_argument("--max-length", type=int, help="tokens per note (lora, probe)")
+    dp.add_argument("--max-grad-norm", type=float)
     dp.add_argument("--privacy-unit", choices=("patient", "sequence"), default="patient")
     dp.add_argument("--labels", help="public label list: a file (one code per line) or a shipped list name "
                                      "(default: the public list of --corpus's kind)")
