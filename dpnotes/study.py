@@ -121,7 +121,7 @@ def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: fl
     lines = [f"## {part.title or name}", "",
              f"`python -m dpnotes.study --only {name}` (pipeline config `{part.config}`"
              + (f", overrides {part.overrides}" if part.overrides else "") + f"); run folder `{root}`"
-             + (f"; {seconds / 60:.1f} min wall time over all its runs" if seconds else "") + ".", ""]
+             + (f"; {seconds / 60:.1f} min wall time over all its runs (timed on private data: outside the DP guarantee)" if seconds else "") + ".", ""]
     if real:
         lines += [f"Coder trained on real notes (TF-IDF + logistic regression, no privacy): micro-F1 "
                   f"{_ci_text(*metric(real, 'micro_f1'))}, weighted F1 {_ci_text(*metric(real, 'weighted_f1'))}; "
