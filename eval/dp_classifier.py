@@ -69,7 +69,7 @@ class DPCoder(Coder):
         *,
         delta: float | None,
         steps: int,
-        expected_batch_size: int,
+        expected_batch_size: int | None,
         micro_batch_size: int,
         max_grad_norm: float,
         lr: float,
@@ -110,6 +110,9 @@ class DPCoder(Coder):
             return None, len(train)
         raise ValueError(f"privacy_unit must be 'patient' or 'sequence', got {self.privacy_unit!r}")
 
+    def _expected_batch(self, num_units: int) -> int:
+        return min(self.expected_batch_size, num_units)
+
     def _train_private(self, model: nn.Module, fetch: Callable[[list[int]], dict], loss_fn, train: Sequence[Note],
                        optimizer: torch.optim.Optimizer) -> None:
         """DP training of `model`'s trainable parameters at the target ε; sets `privacy_`."""
@@ -118,7 +121,7 @@ class DPCoder(Coder):
         examples_of_unit, num_units = self._units(train)
         config = PrivacyConfig(
             target_epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=min(self.expected_batch_size, num_units), steps=self.steps,
+            expected_batch_size=self._expected_batch(num_units), steps=self.steps,
             micro_batch_size=self.micro_batch_size, clipping=self.clipping, privacy_unit=self.privacy_unit,
             seed=self.privacy_seed,
         )
