@@ -93,6 +93,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     options = parse_options(args.set)
     if args.feature_cache:
+        if args.coder != "probe":
+            parser.error("--feature-cache is for --coder probe")
         options["feature_cache"] = args.feature_cache
 
     notes, labels = load(args)

@@ -80,17 +80,16 @@ def test_a_code_outside_the_public_list_is_ignored(splits):
 
 
 def test_without_noise_the_hashed_coder_learns_the_default_corpus(splits):
-    coder = DPLinearCoder(math.inf, LABELS, HashedNgramFeatures(2**14), steps=100, expected_batch_size=64)
+    coder = DPLinearCoder(math.inf, LABELS, HashedNgramFeatures(), steps=100)
     result = evaluate_coder(coder, splits["train"], splits["dev"], splits["test"], n_bootstrap=0)
-    assert result["metrics"]["micro_f1"] > 0.6  # ~0.2 for a constant coder; 0.70 measured with these settings
+    assert result["metrics"]["micro_f1"] > 0.7  # 0.85; a constant coder gets 0.17, TF-IDF 0.90
 
 
 @pytest.mark.slow
 def test_without_noise_the_minilm_probe_learns_the_default_corpus(splits):
-    coder = DPLinearCoder(math.inf, LABELS, FrozenEncoderFeatures("minilm", max_length=64), steps=100,
-                          expected_batch_size=64)
+    coder = DPLinearCoder(math.inf, LABELS, FrozenEncoderFeatures("minilm", max_length=64), steps=100)
     result = evaluate_coder(coder, splits["train"], splits["dev"], splits["test"], n_bootstrap=0)
-    assert result["metrics"]["micro_f1"] > 0.5
+    assert result["metrics"]["micro_f1"] > 0.5  # 0.71; a constant coder gets 0.17
 
 
 def test_encoder_features_are_unit_rows_cached_on_disk(tmp_path):
