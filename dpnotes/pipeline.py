@@ -69,6 +69,19 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def source_digest(*modules: str) -> str:
+    """Digest of the named modules' source files: a cached result is recomputed when the code that
+    computed it changes (its defaults included), not only when its options do."""
+    import importlib.util
+
+    return digest(*(hashlib.sha256(Path(importlib.util.find_spec(m).origin).read_bytes()).hexdigest() for m in modules))
+
+
+CODER_MODULES = ("dpnotes.eval.coders", "dpnotes.eval.metrics")
+DP_CODER_MODULES = CODER_MODULES + ("dpnotes.eval.dp_classifier", "dpnotes.eval.dp_linear", "dpnotes.train.dp.engine",
+                                    "dpnotes.train.dp.accounting")
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -202,14 +215,16 @@ class Pipeline:
             (folder / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
             return result
 
-        result = {"real_tfidf": cached("real_tfidf", digest(data_key), lambda: real_coder_baseline(self.splits, c.bootstrap))}
+        coder_code, dp_coder_code = source_digest(*CODER_MODULES), source_digest(*DP_CODER_MODULES)
+        result = {"real_tfidf": cached("real_tfidf", digest(data_key, coder_code),
+                                       lambda: real_coder_baseline(self.splits, c.bootstrap))}
         sweeps = {}
         for coder in c.dp_coders:
             options = c.dp_coder_options.get(coder, {})
             by_epsilon = {}
             for epsilon in c.dp_coder_epsilons or c.epsilons:
                 tag = format_epsilon(epsilon)
-                by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels),
+                by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels, dp_coder_code),
                                          lambda: dp_coder_baseline(self.splits, self.labels, coder, epsilon, c.bootstrap, options))
             sweeps[coder] = {"by_epsilon": by_epsilon,
                              "weighted_f1": {tag: r["metrics"]["weighted_f1"] for tag, r in by_epsilon.items()}}

@@ -62,3 +62,14 @@ def test_rerun_skips_completed_stages(study, capsys):
     after = {p: p.stat().st_mtime for p in before}
     changed = [p for p in before if after[p] != before[p] and "manifest" not in p.name]
     assert not changed
+
+
+def test_a_baseline_is_recomputed_when_its_code_changes(study, capsys, monkeypatch):
+    """The cache key covers the coder's code (its defaults), not only the options in the config."""
+    import dpnotes.pipeline as pipeline
+
+    config, root, _ = study
+    real_digest = pipeline.source_digest
+    monkeypatch.setattr(pipeline, "source_digest", lambda *modules: "changed" + real_digest(*modules))
+    Pipeline(config).run(only="baselines")
+    assert "baselines: real_tfidf" in capsys.readouterr().out
