@@ -2,6 +2,7 @@
 
     python -m dpnotes.study                          # every part of dpnotes/configs/study.yaml
     python -m dpnotes.study --only default           # one part
+    python -m dpnotes.study --stage baselines        # the real and DP coders of every part
     python -m dpnotes.study --results-only           # rewrite docs/results.md from what has run
 
 Each part is a pipeline run (dpnotes.pipeline): generators at their ε grid, DP coders at theirs, or
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from dpnotes.pipeline import ROOT, Pipeline, PipelineConfig, load_pipeline_config, log, read_json
+from dpnotes.pipeline import ROOT, STAGES, Pipeline, PipelineConfig, load_pipeline_config, log, read_json
 from dpnotes.report import collect, dp_coder_sweeps, epsilon_label
 
 STUDY = ROOT / "dpnotes" / "configs" / "study.yaml"
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(STUDY))
     parser.add_argument("--only", action="append", help="run these parts only (repeatable)")
+    parser.add_argument("--stage", choices=STAGES, help="run this pipeline stage only (e.g. baselines: the DP coders)")
     parser.add_argument("--results-only", action="store_true", help="rewrite the results file from finished work")
     args = parser.parse_args(argv)
     study = load_study_config(Path(args.config))
@@ -189,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             log(f"study part {name}: {part.title}")
             started = time.perf_counter()
-            Pipeline(part_pipeline(study, name)).run(only=part.only)
+            if part.only and args.stage and args.stage != part.only:
+                continue
+            Pipeline(part_pipeline(study, name)).run(only=part.only or args.stage)
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started  # summed over resumed runs
             timings_path.parent.mkdir(parents=True, exist_ok=True)
             timings_path.write_text(json.dumps(seconds, indent=2))
