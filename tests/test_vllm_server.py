@@ -1,0 +1,134 @@
+"""A real vLLM server, started from the project's vLLM environment (`make vllm`) on a tiny LLaMA:
+notes through the project's client, base + LoRA adapter, a server killed mid-run and the resume,
+and the errors of a server that cannot start. `make test` sets DPNOTES_REQUIRE_VLLM, so there a
+missing environment fails instead of skipping."""
+import json
+import os
+import signal
+import socket
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from dpnotes.generate import backends
+from dpnotes.generate.backends import SamplingConfig, make_backend
+from dpnotes.generate.conditioning import CodeSetDistribution
+from dpnotes.generate.merge import merge_run
+from dpnotes.generate.synthesize import NOTES, load_synthetic, synthesize
+from dpnotes.generate.vllm_server import ServerOptions, VLLMServer, VLLMServerError, find_vllm
+from dpnotes.prompting import prompt_format_for
+from dpnotes.testing.tiny_models import tiny_llama_folder
+
+# Eager mode: a tiny model starts in seconds without torch.compile; 128 tokens is the tiny model's context.
+SERVER = {"enforce_eager": True, "max_model_len": 128, "dtype": "float32"}
+SAMPLING = SamplingConfig(max_new_tokens=12)
+CODES = CodeSetDistribution({"I10": 3.0, "E11.9; J44.9": 1.0}, 0.5, 1e-5, "dp-histogram", privacy_unit="patient")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_environment():
+    if find_vllm() is None:
+        message = "no vLLM environment: build it with `make vllm`"
+        if os.environ.get("DPNOTES_REQUIRE_VLLM"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny LLaMA with 32-wide heads: vLLM's CPU attention kernels take head sizes from 32 up."""
+    folder = tmp_path_factory.mktemp("tiny-llama-vllm")
+    tiny_llama_folder(folder, hidden=64, heads=2, kv_heads=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    """A training run folder (adapter + privacy report) and its merged model."""
+    folder = tmp_path_factory.mktemp("vllm-run")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(folder / "adapter")
+    report = {"epsilon": 3.2, "delta": 1e-4, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 40,
+              "max_grad_norm": 1.0, "privacy_unit": "patient", "privacy_units": 300, "accountant": "rdp",
+              "corpus": "default", "config_hash": "abc", "model": str(tiny_model_dir),
+              "prompt_format": prompt_format_for("default").to_dict()}
+    (folder / "privacy_report.json").write_text(json.dumps(report))
+    return folder, merge_run(folder, folder / "merged")
+
+
+@pytest.mark.slow
+def test_notes_through_a_started_server_then_a_kill_mid_run_and_a_resume(run, tmp_path, monkeypatch):
+    _, merged = run
+    whole = synthesize(merged, tmp_path / "whole", 12, CODES, "vllm-server", SAMPLING, seed=3, backend_options=SERVER)
+    assert whole["backend"] == "vllm-server" and whole["count"] == whole["written_this_run"] == 12
+    reference = load_synthetic(tmp_path / "whole")
+    assert [n.id for n in reference] == [f"syn-{i:06d}" for i in range(12)]
+    assert all(n.metadata["backend"] == "vllm-server" and n.metadata["new_tokens"] > 0 for n in reference)
+
+    # Chunks of 4; the server is killed (whole process group) after the first chunk is written.
+    monkeypatch.setattr(backends.VLLMServerBackend, "chunk_size", 4)
+    real_generate, servers = backends.VLLMServerBackend.generate, []
+
+    def generate_then_kill(self, prompts, first_index, seed, sampling):
+        if first_index == 4:
+            servers.append(self.server)
+            os.killpg(self.server.process.pid, signal.SIGKILL)
+            self.server.process.wait()
+        return real_generate(self, prompts, first_index, seed, sampling)
+
+    monkeypatch.setattr(backends.VLLMServerBackend, "generate", generate_then_kill)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(VLLMServerError, match="stopped answering"):
+        synthesize(merged, crashed, 12, CODES, "vllm-server", SAMPLING, seed=3, backend_options=SERVER)
+    assert len((crashed / NOTES).read_text().splitlines()) == 4
+    monkeypatch.setattr(backends.VLLMServerBackend, "generate", real_generate)
+    resumed = synthesize(merged, crashed, 12, CODES, "vllm-server", SAMPLING, seed=3, backend_options=SERVER)
+    assert resumed["written_this_run"] == 8
+    notes = load_synthetic(crashed)
+    assert [n.id for n in notes] == [n.id for n in reference]  # every index once, in order
+    # Each note has its own seed: the same note whatever chunk or server produced it.
+    assert sum(a.text == b.text for a, b in zip(notes, reference)) >= 10
+
+
+@pytest.mark.slow
+def test_base_model_with_the_lora_adapter(run, tiny_model_dir):
+    folder, _ = run
+    backend = make_backend("vllm-server", str(tiny_model_dir), adapter_dir=str(folder / "adapter"), max_lora_rank=8,
+                           concurrency=4, **SERVER)
+    try:
+        outputs = backend.generate(["Write a note.\n"] * 6, 0, 0, SAMPLING)
+    finally:
+        backend.close()
+    assert len(outputs) == 6 and all(o.new_tokens > 0 for o in outputs)
+    with pytest.raises(ProcessLookupError):  # stopped with its engine and worker processes
+        os.killpg(backend.server.process.pid, 0)
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_start_says_why_with_its_log(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # not a model
+    with pytest.raises(VLLMServerError, match="exited with code") as error:
+        VLLMServer(tmp_path, ServerOptions(**SERVER)).start()
+    assert "log" in str(error.value) and len(str(error.value).splitlines()) > 2
+
+
+@pytest.mark.slow
+def test_a_server_slower_than_its_timeout_is_stopped(run):
+    _, merged = run
+    server = VLLMServer(merged, ServerOptions(startup_timeout=1.0, **SERVER))
+    with pytest.raises(VLLMServerError, match="not healthy after 1 s"):
+        server.start()
+    assert server.process.poll() is not None
+
+
+def test_a_busy_port_is_refused_before_starting(run):
+    _, merged = run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = VLLMServer(merged, ServerOptions(port=taken.getsockname()[1]))
+        with pytest.raises(VLLMServerError, match="is in use"):
+            server.start()
+    assert server.process is None
