@@ -48,7 +48,11 @@ class PipelineConfig:
     max_new_tokens: int = 160
     temperature: float = 0.8
     generation_batch_size: int = 16
-    generation_backend: str = "transformers"
+    # "auto": the vLLM server when `make vllm` built its environment, else transformers; or one of
+    # generate.backends ("transformers", "vllm-server", "vllm"). generation_options go to the backend
+    # (vllm-server: url, concurrency, port, dtype, adapter_dir, max_lora_rank, enforce_eager, ...).
+    generation_backend: str = "auto"
+    generation_options: dict = field(default_factory=dict)
     mia_notes: int = 100  # members and as many non-members
     canary_candidates: int = 500
     bootstrap: int = 200
@@ -155,7 +159,7 @@ class Pipeline:
         return merge_run(run, merged)
 
     def generate(self, epsilon: float) -> dict:
-        from dpnotes.generate.backends import SamplingConfig
+        from dpnotes.generate.backends import SamplingConfig, resolve_backend
         from dpnotes.generate.synthesize import MANIFEST, NOTES, conditioning_for, read_done, synthesize
 
         c = self.config
@@ -173,9 +177,13 @@ class Pipeline:
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
                                         Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
-        log(f"generate {epsilon_tag(epsilon)}: {count} notes with {c.generation_backend}")
-        return synthesize(self.run_dir(epsilon) / "merged", out, count, distribution,
-                          c.generation_backend, sampling, seed=0)
+        backend = resolve_backend(c.generation_backend)
+        log(f"generate {epsilon_tag(epsilon)}: {count} notes with {backend}")
+        options = dict(c.generation_options)
+        if backend == "vllm-server" and "url" not in options:
+            options.setdefault("server_log", str(out / "vllm_server.log"))  # kept beside the notes it wrote
+        return synthesize(self.run_dir(epsilon) / "merged", out, count, distribution, backend, sampling, seed=0,
+                          backend_options=options)
 
     def evaluate(self, epsilon: float) -> dict:
         from dpnotes.eval.stages import evaluate_generator

@@ -143,6 +143,7 @@ def run_row(epsilon: float, run: Path, evaluation: dict | None, real: Point | No
         "canaries_in_synthetic": privacy.get("verbatim", {}).get("canaries", {}).get("identifier_in_output"),
         "max_verbatim_words": privacy.get("verbatim", {}).get("lcs_words", {}).get("max"),
         "tokens_per_second": manifest.get("tokens_per_second"),
+        "generation_backend": manifest.get("backend"),
         "run_dir": str(run),
         "caveats": _caveats(training, (run / "synthetic" / "notes.jsonl").exists(), evaluation),
     }
@@ -364,7 +365,7 @@ def _fmt_ci(value, ci) -> str:
 SUMMARY_HEADER = ["ε (target)", "ε spent by the weights", "ε total (weights + conditioning)", "privacy unit",
                   "synthetic-coder micro-F1 [95 % CI]", "÷ real-trained coder", "exposure: trained canaries (mean bits)",
                   "exposure: held-out canaries (mean bits)", "max measurable exposure (bits)", "MIA AUC (0.5 = chance)",
-                  "canary IDs in synthetic notes", "longest verbatim run (words)", "caveats"]
+                  "canary IDs in synthetic notes", "longest verbatim run (words)", "notes written by", "caveats"]
 
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -373,7 +374,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
              _fmt(r["privacy_unit"]), _fmt_ci(r["synthetic_micro_f1"], r["synthetic_micro_f1_ci"]),
              _fmt(r["f1_ratio_to_real"]), _fmt(r["mean_member_exposure"]),
              _fmt(r["mean_nonmember_exposure"]), _fmt(r["max_possible_exposure"]), _fmt(r["mia_auc"]),
-             _fmt(r["canaries_in_synthetic"]), _fmt(r["max_verbatim_words"]), "; ".join(r["caveats"])]
+             _fmt(r["canaries_in_synthetic"]), _fmt(r["max_verbatim_words"]), _fmt(r.get("generation_backend")),
+             "; ".join(r["caveats"])]
             for r in summary["runs"]]
     return SUMMARY_HEADER, rows
 

@@ -66,6 +66,16 @@ def chunk_size(name: str, sampling: SamplingConfig) -> int:
     return getattr(_BACKENDS.get(name), "chunk_size", None) or sampling.batch_size
 
 
+def resolve_backend(name: str) -> str:
+    """"auto": the vLLM server when the project's vLLM environment exists (`make vllm`), else
+    transformers; any other name as given."""
+    if name != "auto":
+        return name
+    from dpnotes.generate.vllm_server import find_vllm
+
+    return "vllm-server" if find_vllm() is not None else "transformers"
+
+
 def make_backend(name: str, model_dir: str, **options) -> GenerationBackend:
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")

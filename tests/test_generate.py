@@ -1,5 +1,6 @@
 """Generation: merge == base + adapter, DP code-set histogram, schema, determinism and resume,
-and the backends' interface (transformers here; vLLM server client against a loopback stub)."""
+and the backends' interface (transformers here; the vLLM server client against a loopback stub;
+real vLLM in test_vllm_server.py)."""
 import json
 import math
 import threading
@@ -252,12 +253,6 @@ def test_vllm_server_client_speaks_the_openai_completions_protocol():
         server.shutdown()
     assert [o.text for o in out] == ["note for Codes: I10 seed 2000010", "note for Codes: J44.9 seed 2000011"]
     assert all(o.new_tokens == 7 for o in out)
-
-
-def test_vllm_backend_needs_the_optional_extra(merged_dir):
-    pytest.importorskip("vllm", reason="vLLM is an optional extra (CUDA); its engine is exercised on GPU machines")
-    backend = make_backend("vllm", str(merged_dir), gpu_memory_utilization=0.3)
-    assert len(backend.generate(["Codes: I10\nNote:\n"], 0, 0, SamplingConfig(max_new_tokens=8))) == 1
 
 
 def test_unknown_backend_is_named():

@@ -1,11 +1,13 @@
-"""A real vLLM server, started from the project's vLLM environment (`make vllm`) on a tiny LLaMA:
-notes through the project's client, base + LoRA adapter, a server killed mid-run and the resume,
-and the errors of a server that cannot start. `make test` sets DPNOTES_REQUIRE_VLLM, so there a
+"""Real vLLM, from the project's vLLM environment (`make vllm`), on a tiny LLaMA: notes through the
+project's server client, base + LoRA adapter, a server killed mid-run and the resume, the errors of
+a server that cannot start, and the offline engine (`LLM`, `LoRARequest`) run in that environment. `make test` sets DPNOTES_REQUIRE_VLLM, so there a
 missing environment fails instead of skipping."""
 import json
 import os
 import signal
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 from peft import LoraConfig, get_peft_model
@@ -132,3 +134,27 @@ def test_a_busy_port_is_refused_before_starting(run):
         with pytest.raises(VLLMServerError, match="is in use"):
             server.start()
     assert server.process is None
+
+
+OFFLINE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])  # the repository: dpnotes is not installed in the vLLM environment
+from generate.backends import SamplingConfig, make_backend
+engine = make_backend("vllm", sys.argv[2], adapter_dir=sys.argv[3], max_lora_rank=8, enforce_eager=True,
+                      max_model_len=128, dtype="float32")
+outputs = engine.generate(["Write a note.\\n"] * 3, 5, 1, SamplingConfig(max_new_tokens=8))
+print("RESULT " + json.dumps([[o.text, o.new_tokens] for o in outputs]))
+"""
+
+
+@pytest.mark.slow
+def test_the_offline_engine_with_a_lora_request_in_the_vllm_environment(run, tiny_model_dir):
+    folder, _ = run
+    model, adapter = tiny_model_dir, folder / "adapter"
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(find_vllm()), "-c", OFFLINE, str(Path(__file__).resolve().parents[1]), str(model),
+                           str(adapter)], capture_output=True, text=True, env=environment, timeout=600)
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results, done.stderr[-3000:]
+    outputs = json.loads(results[0][len("RESULT "):])
+    assert len(outputs) == 3 and all(tokens > 0 for _, tokens in outputs)
