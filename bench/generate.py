@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start)")
     parser.add_argument("--no-offline", action="store_true")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the vLLM server, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1")
     parser.add_argument("--offline-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
@@ -106,12 +108,14 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as workdir:
             server, startup = started("vllm-server", args.model, dtype="float32", max_model_len=1024,
-                                      enforce_eager=args.eager, server_log=str(Path(workdir) / "server.log"))
+                                      enforce_eager=args.eager, server_log=str(Path(workdir) / "server.log"),
+                                      environment=dict(pair.split("=", 1) for pair in args.server_env))
             try:
                 for concurrency in args.concurrency:
                     server.concurrency = concurrency
                     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-                    rows.append({"backend": "vllm server" + (" (eager)" if args.eager else ""),
+                    rows.append({"backend": "vllm server" + (" (eager)" if args.eager else "")
+                                 + "".join(f" {pair}" for pair in args.server_env),
                                  "concurrency": concurrency, "startup_s": startup,
                                  **timed(server, texts[:max(concurrency, min(len(texts), 2 * concurrency))], sampling)})
                     print(json.dumps(rows[-1]), flush=True)

@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from dpnotes.corpus import Note, validate_notes
-from dpnotes.generate.backends import SamplingConfig, chunk_size, make_backend
+from dpnotes.generate.backends import SamplingConfig, chunk_size, make_backend, resolve_backend
 from dpnotes.generate.conditioning import (
     PRIVACY_UNITS,
     CodeSetDistribution,
@@ -208,7 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, type=Path, help="merged model folder (generate.merge)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "vllm-server"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm", "vllm-server"],
+                        help="auto: the vLLM server when `make vllm` built its environment, else transformers")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="backend option, repeatable (vllm-server: url, concurrency, port, dtype, adapter_dir, "
+                             "max_lora_rank, tensor_parallel_size, enforce_eager, ...)")
     parser.add_argument("--conditioning", default="dp-marginals", choices=[*DP_RELEASES, "prior"])
     parser.add_argument("--conditioning-epsilon", type=float, default=1.0)
     parser.add_argument("--conditioning-delta", type=float)
@@ -231,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
                                     args.conditioning_delta, args.prior, None, privacy_unit=unit)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, batch_size=args.batch_size)
-    manifest = synthesize(args.model, args.out, args.count, distribution, args.backend, sampling, args.seed, run_dir=args.run)
+    options = {}
+    for option in args.backend_option:
+        key, _, value = option.partition("=")
+        options[key] = yaml.safe_load(value)
+    manifest = synthesize(args.model, args.out, args.count, distribution, resolve_backend(args.backend), sampling,
+                          args.seed, backend_options=options, run_dir=args.run)
     print(json.dumps(manifest, indent=2))
 
 

@@ -83,6 +83,9 @@ class ServerOptions:
     enforce_eager: bool = False  # skip torch.compile: starts in seconds, decodes slower
     startup_timeout: float = 900.0  # the first start on a CPU compiles the model (~2 min here)
     extra_args: list[str] = field(default_factory=list)
+    # Extra environment, e.g. VLLM_CPU_OMP_THREADS_BIND: on CPU vLLM keeps one core for its API
+    # process and computes on the rest unless told otherwise.
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 class VLLMServer:
@@ -131,7 +134,7 @@ class VLLMServer:
                                   f"for a free one")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         environment = {**os.environ, "VLLM_CONFIGURE_LOGGING": "1", "VLLM_NO_USAGE_STATS": "1",
-                       "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+                       "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", **self.options.environment}
         # The vLLM environment has its own Python: the core's import paths would shadow its packages.
         environment.pop("PYTHONPATH", None)
         with self.log_path.open("w") as log:
