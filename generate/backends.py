@@ -56,7 +56,8 @@ def register_backend(name: str):
 
 
 def note_seed(run_seed: int, index: int) -> int:
-    """The sampling seed of note `index`: the same note whatever the batch it is generated in."""
+    """The sampling seed of note `index`. vLLM seeds each request with it, so a note does not depend
+    on the batch it ran in; transformers seeds each fixed-size batch with its first note's."""
     return run_seed * 1_000_003 + index
 
 
