@@ -145,6 +145,7 @@ class VLLMBackend:
         max_model_len: int | None = 1024,
         max_lora_rank: int = 16,
         enforce_eager: bool = False,
+        chunked_prefill: bool | None = None,
     ):
         try:
             from vllm import LLM
@@ -162,6 +163,9 @@ class VLLMBackend:
             enable_lora=adapter_dir is not None,
             max_lora_rank=max_lora_rank,
             enforce_eager=enforce_eager,
+            # Off on CPU hosts: vLLM 0.32 on CPU crashes on a seeded request whose prompt is split
+            # across steps (see generate.vllm_server.ServerOptions.chunked_prefill).
+            enable_chunked_prefill=chunked_prefill if chunked_prefill is not None else torch.cuda.is_available(),
         )
         self.lora = None
         if adapter_dir is not None:

@@ -58,6 +58,12 @@ def log_tail(path: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _signal_group(group: int, signum: int) -> bool:
     """Send `signum` to a process group; False when no process of it is left."""
     try:
@@ -81,6 +87,9 @@ class ServerOptions:
     adapter_dir: str | None = None  # serve base + this LoRA adapter instead of a merged folder
     max_lora_rank: int = 16
     enforce_eager: bool = False  # skip torch.compile: starts in seconds, decodes slower
+    # None: off on CPU hosts. vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a
+    # seeded request's prompt is split across steps; every note is seeded, so prompts stay whole.
+    chunked_prefill: bool | None = None
     startup_timeout: float = 900.0  # the first start on a CPU compiles the model (~2 min here)
     extra_args: list[str] = field(default_factory=list)
     # Extra environment, e.g. VLLM_CPU_OMP_THREADS_BIND: on CPU vLLM keeps one core for its API
@@ -120,13 +129,13 @@ class VLLMServer:
             command += ["--served-model-name", SERVED_NAME]
         if o.enforce_eager:
             command.append("--enforce-eager")
+        if not (o.chunked_prefill if o.chunked_prefill is not None else _cuda()):
+            command.append("--no-enable-chunked-prefill")
         return command + list(o.extra_args)
 
     @staticmethod
     def _default_memory_fraction() -> float:
-        import torch
-
-        return 0.9 if torch.cuda.is_available() else 0.15
+        return 0.9 if _cuda() else 0.15
 
     def start(self) -> "VLLMServer":
         if not port_is_free(self.port):
