@@ -6,7 +6,7 @@ engine in the vLLM environment), new tokens/s at several concurrencies, on the s
 `make vllm` builds the vLLM environment; without it the transformers rows are printed alone. For
 transformers "concurrency" is the batch size of `generate`; for the server it is the number of
 requests in flight; the offline engine takes every prompt at once. Each engine is warmed up before
-it is timed; its start-up time is printed separately (the first CPU start compiles the model).
+it is timed; its start-up time is printed separately (with --compile it includes torch.compile).
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def started(backend: str, model: str, **options):
 def offline_worker(args) -> None:
     """Runs inside the vLLM environment: the offline engine (`LLM`) through the project's backend."""
     texts = json.loads(Path(args.offline_worker).read_text())
-    engine, startup = started("vllm", args.model, dtype="float32", max_model_len=1024, enforce_eager=args.eager)
+    engine, startup = started("vllm", args.model, dtype="float32", max_model_len=1024, enforce_eager=False if args.compile else None)
     row = timed(engine, texts, SamplingConfig(max_new_tokens=args.max_new_tokens))
-    print("RESULT " + json.dumps({"backend": "vllm offline" + (" (eager)" if args.eager else ""),
+    print("RESULT " + json.dumps({"backend": "vllm offline" + (" (compiled)" if args.compile else ""),
                                   "concurrency": len(texts), "startup_s": startup, **row}), flush=True)
 
 
@@ -65,7 +65,7 @@ def offline(args, texts: list[str], python: Path, workdir: Path) -> dict | None:
     path.write_text(json.dumps(texts))
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     command = [str(python), __file__, "--model", args.model, "--max-new-tokens", str(args.max_new_tokens),
-               "--offline-worker", str(path)] + (["--eager"] if args.eager else [])
+               "--offline-worker", str(path)] + (["--compile"] if args.compile else [])
     done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=workdir)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start)")
+    parser.add_argument("--compile", action="store_true",
+                        help="vLLM with torch.compile (default: the project's default, eager on CPU hosts)")
     parser.add_argument("--no-offline", action="store_true")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the vLLM server, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1")
@@ -108,13 +109,13 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as workdir:
             server, startup = started("vllm-server", args.model, dtype="float32", max_model_len=1024,
-                                      enforce_eager=args.eager, server_log=str(Path(workdir) / "server.log"),
+                                      enforce_eager=False if args.compile else None, server_log=str(Path(workdir) / "server.log"),
                                       environment=dict(pair.split("=", 1) for pair in args.server_env))
             try:
                 for concurrency in args.concurrency:
                     server.concurrency = concurrency
                     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-                    rows.append({"backend": "vllm server" + (" (eager)" if args.eager else "")
+                    rows.append({"backend": "vllm server" + (" (compiled)" if args.compile else "")
                                  + "".join(f" {pair}" for pair in args.server_env),
                                  "concurrency": concurrency, "startup_s": startup,
                                  **timed(server, texts[:max(concurrency, min(len(texts), 2 * concurrency))], sampling)})

@@ -9,6 +9,7 @@ exactly the notes an uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def resolve_backend(name: str) -> str:
     transformers; any other name as given."""
     if name != "auto":
         return name
-    from dpnotes.generate.vllm_server import find_vllm
+    from .vllm_server import find_vllm
 
     return "vllm-server" if find_vllm() is not None else "transformers"
 
@@ -144,9 +145,14 @@ class VLLMBackend:
         dtype: str = "auto",
         max_model_len: int | None = 1024,
         max_lora_rank: int = 16,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         chunked_prefill: bool | None = None,
     ):
+        if not torch.cuda.is_available():  # read by the engine's worker processes when they start
+            from .vllm_server import CPU_DEFAULTS
+
+            for key, value in CPU_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         try:
             from vllm import LLM
         except ImportError as error:
@@ -162,7 +168,8 @@ class VLLMBackend:
             max_model_len=max_model_len,
             enable_lora=adapter_dir is not None,
             max_lora_rank=max_lora_rank,
-            enforce_eager=enforce_eager,
+            # Defaults as for the server (generate.vllm_server.ServerOptions): eager on CPU hosts.
+            enforce_eager=enforce_eager if enforce_eager is not None else not torch.cuda.is_available(),
             # Off on CPU hosts: vLLM 0.32 on CPU crashes on a seeded request whose prompt is split
             # across steps (see generate.vllm_server.ServerOptions.chunked_prefill).
             enable_chunked_prefill=chunked_prefill if chunked_prefill is not None else torch.cuda.is_available(),
@@ -207,7 +214,7 @@ class VLLMServerBackend:
                  concurrency: int = 64, timeout: float = 600, server_log: str | None = None, **server_options):
         from pathlib import Path
 
-        from dpnotes.generate.vllm_server import SERVED_NAME, ServerOptions, VLLMServer
+        from .vllm_server import SERVED_NAME, ServerOptions, VLLMServer
 
         self.server = None
         if url is None:
@@ -244,7 +251,7 @@ class VLLMServerBackend:
         return Generated(choice["text"].strip(), int(answer.get("usage", {}).get("completion_tokens", 0)))
 
     def _failure(self, error: Exception) -> RuntimeError:
-        from dpnotes.generate.vllm_server import VLLMServerError, log_tail
+        from .vllm_server import VLLMServerError, log_tail
 
         if self.server is None:
             return VLLMServerError(f"vLLM server at {self.url} failed: {error}")

@@ -23,6 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 SERVED_NAME = "dpnotes"  # the name requests address: the merged model, or base + "dpnotes" adapter
 
 
+# On CPU vLLM keeps one core for its API process by default and computes on the rest: on 2 cores
+# that halves it. Computing on both gave 2.0x the tokens/s of transformers at 64 requests in flight,
+# against 1.24x with the core reserved (docs/benchmarks.md, 2026-11-29).
+CPU_DEFAULTS = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
 class VLLMServerError(RuntimeError):
     """The server could not start or stopped answering; the message ends with its log's tail."""
 
@@ -86,14 +92,15 @@ class ServerOptions:
     tensor_parallel_size: int = 1
     adapter_dir: str | None = None  # serve base + this LoRA adapter instead of a merged folder
     max_lora_rank: int = 16
-    enforce_eager: bool = False  # skip torch.compile: starts in seconds, decodes slower
+    # None: eager on CPU hosts, where torch.compile added ~100 s to the start and no speed
+    # (SmolLM2-135M: 248 against 242 tokens/s at 64 in flight; docs/benchmarks.md).
+    enforce_eager: bool | None = None
     # None: off on CPU hosts. vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a
     # seeded request's prompt is split across steps; every note is seeded, so prompts stay whole.
     chunked_prefill: bool | None = None
     startup_timeout: float = 900.0  # the first start on a CPU compiles the model (~2 min here)
     extra_args: list[str] = field(default_factory=list)
-    # Extra environment, e.g. VLLM_CPU_OMP_THREADS_BIND: on CPU vLLM keeps one core for its API
-    # process and computes on the rest unless told otherwise.
+    # Extra environment of the server, over CPU_DEFAULTS on CPU hosts (e.g. VLLM_CPU_OMP_THREADS_BIND).
     environment: dict[str, str] = field(default_factory=dict)
 
 
@@ -127,7 +134,7 @@ class VLLMServer:
                         "--lora-modules", f"{SERVED_NAME}={o.adapter_dir}"]
         else:
             command += ["--served-model-name", SERVED_NAME]
-        if o.enforce_eager:
+        if o.enforce_eager if o.enforce_eager is not None else not _cuda():
             command.append("--enforce-eager")
         if not (o.chunked_prefill if o.chunked_prefill is not None else _cuda()):
             command.append("--no-enable-chunked-prefill")
@@ -143,7 +150,8 @@ class VLLMServer:
                                   f"for a free one")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         environment = {**os.environ, "VLLM_CONFIGURE_LOGGING": "1", "VLLM_NO_USAGE_STATS": "1",
-                       "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", **self.options.environment}
+                       "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", **({} if _cuda() else CPU_DEFAULTS),
+                       **self.options.environment}
         # The vLLM environment has its own Python: the core's import paths would shadow its packages.
         environment.pop("PYTHONPATH", None)
         with self.log_path.open("w") as log:
