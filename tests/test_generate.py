@@ -8,7 +8,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from dpnotes.corpus import Note, generate_default_corpus
@@ -23,22 +22,14 @@ from dpnotes.generate.conditioning import (
 from dpnotes.generate.merge import merge_run
 from dpnotes.generate.synthesize import CONDITIONING, MANIFEST, NOTES, conditioning_for, load_synthetic, synthesize
 from dpnotes.prompting import prompt_format_for
+from dpnotes.testing.tiny_runs import tiny_training_run
 from dpnotes.train.dp.accounting import compute_epsilon
-
-REPORT = {"epsilon": 3.2, "delta": 1e-4, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 40, "max_grad_norm": 1.0,
-          "privacy_unit": "patient", "privacy_units": 300, "accountant": "rdp", "corpus": "default", "config_hash": "abc",
-          "prompt_format": prompt_format_for("default").to_dict()}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     """A training output_dir as the recipe leaves it: adapter/ and privacy_report.json."""
-    run = tmp_path_factory.mktemp("run")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, lora).save_pretrained(run / "adapter")
-    (run / "privacy_report.json").write_text(json.dumps({**REPORT, "model": str(tiny_model_dir)}))
-    return run
+    return tiny_training_run(tmp_path_factory.mktemp("run"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

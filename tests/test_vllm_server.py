@@ -10,8 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from dpnotes.generate import backends
 from dpnotes.generate.backends import SamplingConfig, make_backend
@@ -19,8 +17,8 @@ from dpnotes.generate.conditioning import CodeSetDistribution
 from dpnotes.generate.merge import merge_run
 from dpnotes.generate.synthesize import NOTES, load_synthetic, synthesize
 from dpnotes.generate.vllm_server import ServerOptions, VLLMServer, VLLMServerError, find_vllm
-from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.tiny_models import tiny_llama_folder
+from dpnotes.testing.tiny_runs import tiny_training_run
 
 # Eager mode: a tiny model starts in seconds without torch.compile; 128 tokens is the tiny model's context.
 # A 256-token step budget holds only a few prompts, as 4,096 does for 64 SmolLM2 prompts: with chunked
@@ -51,15 +49,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
     """A training run folder (adapter + privacy report) and its merged model."""
-    folder = tmp_path_factory.mktemp("vllm-run")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, lora).save_pretrained(folder / "adapter")
-    report = {"epsilon": 3.2, "delta": 1e-4, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 40,
-              "max_grad_norm": 1.0, "privacy_unit": "patient", "privacy_units": 300, "accountant": "rdp",
-              "corpus": "default", "config_hash": "abc", "model": str(tiny_model_dir),
-              "prompt_format": prompt_format_for("default").to_dict()}
-    (folder / "privacy_report.json").write_text(json.dumps(report))
+    folder = tiny_training_run(tmp_path_factory.mktemp("vllm-run"), tiny_model_dir)
     return folder, merge_run(folder, folder / "merged")
 
 
