@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,10 @@ def source_digest(*modules: str) -> str:
 CODER_MODULES = ("dpnotes.eval.coders", "dpnotes.eval.metrics")
 DP_CODER_MODULES = CODER_MODULES + ("dpnotes.eval.dp_classifier", "dpnotes.eval.dp_linear", "dpnotes.train.dp.engine",
                                     "dpnotes.train.dp.accounting")
+
+
+EVALUATION_MODULES = CODER_MODULES + ("dpnotes.eval.stages", "dpnotes.eval.privacy", "dpnotes.eval.fidelity")
+GENERATION_INPUTS = "inputs.json"  # in each synthetic/ folder: the key of what its notes were made from
 
 
 def read_json(path: Path) -> dict | None:
@@ -158,39 +163,64 @@ class Pipeline:
         log(f"merge {epsilon_tag(epsilon)}: LoRA → {merged}")
         return merge_run(run, merged)
 
+    def generation_inputs(self, epsilon: float) -> dict:
+        """What the synthetic notes of ε depend on: the trained weights, the conditioning release,
+        sampling and the backend (each writes other notes). A change regenerates them."""
+        from dpnotes.generate.backends import resolve_backend
+
+        c = self.config
+        trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
+        backend = resolve_backend(c.generation_backend)
+        prior = Path(c.prior_path) if c.prior_path else None
+        return {"training": trained.get("config_hash"), "count": self.synthetic_count,
+                "conditioning": c.conditioning, "conditioning_epsilon": c.conditioning_epsilon,
+                "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and c.conditioning == "prior" else None,
+                "max_new_tokens": c.max_new_tokens, "temperature": c.temperature, "backend": backend,
+                # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
+                "batch_size": c.generation_batch_size if backend == "transformers" else None}
+
     def generate(self, epsilon: float) -> dict:
-        from dpnotes.generate.backends import SamplingConfig, resolve_backend
+        from dpnotes.generate.backends import SamplingConfig
         from dpnotes.generate.synthesize import MANIFEST, NOTES, conditioning_for, read_done, synthesize
 
         c = self.config
         out = self.run_dir(epsilon) / "synthetic"
-        manifest = read_json(out / MANIFEST)
-        trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
-        count = self.synthetic_count
-        if (manifest and manifest["count"] == count and len(read_done(out / NOTES)) == count
-                and manifest["training"]["config_hash"] == trained.get("config_hash")
-                and "privacy_unit" in manifest["conditioning"]):  # older manifests added ε across units
-            log(f"generate {epsilon_tag(epsilon)}: done, skipped")
-            return manifest
+        inputs = self.generation_inputs(epsilon)
+        key = digest(inputs)
+        recorded = read_json(out / GENERATION_INPUTS)
+        if recorded and recorded["key"] == key:
+            manifest = read_json(out / MANIFEST)
+            if manifest and len(read_done(out / NOTES)) == inputs["count"]:
+                log(f"generate {epsilon_tag(epsilon)}: done, skipped")
+                return manifest
+        elif out.exists():  # other inputs (or a folder from before keys): its notes and release are stale
+            changed = sorted(k for k in inputs if (recorded or {}).get("inputs", {}).get(k) != inputs[k])
+            log(f"generate {epsilon_tag(epsilon)}: inputs changed ({', '.join(changed)}), regenerating")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / GENERATION_INPUTS).write_text(json.dumps({"key": key, "inputs": inputs}, indent=2))
         train_notes = self.splits["train"] if c.conditioning != "prior" else None
-        unit = trained.get("privacy_unit")  # the conditioning is released at the training unit
+        unit = (read_json(self.run_dir(epsilon) / "privacy_report.json") or {}).get("privacy_unit")
+        # The conditioning is released at the training unit.
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
                                         Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
-        backend = resolve_backend(c.generation_backend)
-        log(f"generate {epsilon_tag(epsilon)}: {count} notes with {backend}")
+        log(f"generate {epsilon_tag(epsilon)}: {inputs['count']} notes with {inputs['backend']}")
         options = dict(c.generation_options)
-        if backend == "vllm-server" and "url" not in options:
+        if inputs["backend"] == "vllm-server" and "url" not in options:
             options.setdefault("server_log", str(out / "vllm_server.log"))  # kept beside the notes it wrote
-        return synthesize(self.run_dir(epsilon) / "merged", out, count, distribution, backend, sampling, seed=0,
-                          backend_options=options)
+        return synthesize(self.run_dir(epsilon) / "merged", out, inputs["count"], distribution, inputs["backend"],
+                          sampling, seed=0, backend_options=options)
 
     def evaluate(self, epsilon: float) -> dict:
         from dpnotes.eval.stages import evaluate_generator
 
         run = self.run_dir(epsilon)
-        manifest = read_json(run / "synthetic" / "manifest.json")
-        key = digest(manifest["count"], manifest["training"], manifest["conditioning"], asdict(self.config))
+        c, train = self.config, self.train_config(epsilon)
+        # The notes (through their generation key), the data split, the evaluation's own settings and code.
+        key = digest(read_json(run / "synthetic" / GENERATION_INPUTS)["key"],
+                     (train.corpus, train.corpus_patients, train.canaries, train.split_seed),
+                     c.mia_notes, c.canary_candidates, c.bootstrap, source_digest(*EVALUATION_MODULES))
         done = read_json(run / "eval.json")
         if done and done.get("inputs_hash") == key:
             log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")

@@ -1,5 +1,6 @@
 """The whole pipeline on a tiny LLaMA and a tiny default corpus: every stage, the report, and
 re-running skips every completed stage."""
+import dataclasses
 import json
 import math
 
@@ -74,3 +75,27 @@ def test_a_baseline_is_recomputed_when_its_code_changes(study, capsys, monkeypat
     monkeypatch.setattr(pipeline, "source_digest", lambda *modules: "changed" + real_digest(*modules))
     Pipeline(config).run(only="baselines")
     assert "baselines: real_tfidf" in capsys.readouterr().out
+
+
+def test_an_added_epsilon_runs_alone(study, capsys):
+    config, _, _ = study
+    Pipeline(dataclasses.replace(config, epsilons=[8.0, 4.0, math.inf])).run()
+    out = capsys.readouterr().out
+    assert "train eps_4: DP fine-tuning" in out and "evaluate eps_4: coders" in out
+    for tag in ("eps_8", "eps_inf"):
+        for stage in ("train", "merge", "generate", "evaluate"):
+            assert f"{stage} {tag}: done" in out
+
+
+def test_a_changed_temperature_regenerates_and_reevaluates_without_retraining(study, capsys):
+    config, root, _ = study
+    notes = root / "eps_8" / "synthetic" / "notes.jsonl"
+    before = notes.stat().st_mtime_ns
+    Pipeline(dataclasses.replace(config, temperature=0.5, epsilons=[8.0])).run()
+    out = capsys.readouterr().out
+    assert "train eps_8: done" in out and "merge eps_8: done" in out
+    assert "generate eps_8: inputs changed (temperature), regenerating" in out
+    assert "evaluate eps_8: coders" in out
+    assert notes.stat().st_mtime_ns != before  # rewritten (a tiny random model may sample the same words)
+    manifest = json.loads((root / "eps_8" / "synthetic" / "manifest.json").read_text())
+    assert manifest["sampling"]["temperature"] == 0.5
