@@ -253,6 +253,9 @@ class VLLMServerBackend:
     def _failure(self, error: Exception) -> RuntimeError:
         from .vllm_server import VLLMServerError, log_tail
 
+        if isinstance(error, urllib.error.HTTPError) and error.code < 500:  # the request, not the server
+            return VLLMServerError(f"vLLM server at {self.url} refused a request ({error.code}): "
+                                   f"{error.read().decode(errors='replace')[:500]}")
         if self.server is None:
             return VLLMServerError(f"vLLM server at {self.url} failed: {error}")
         return VLLMServerError(f"the vLLM server stopped answering ({error}); notes written so far are kept and a "

@@ -246,6 +246,31 @@ def test_vllm_server_client_speaks_the_openai_completions_protocol():
     assert all(o.new_tokens == 7 for o in out)
 
 
+class RefusingCompletions(BaseHTTPRequestHandler):
+    def do_POST(self):
+        payload = b'{"error": {"message": "prompt longer than max_model_len"}}'
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_refused_request_says_what_the_server_said():
+    from dpnotes.generate.vllm_server import VLLMServerError
+
+    server = HTTPServer(("127.0.0.1", 0), RefusingCompletions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = make_backend("vllm-server", "merged", url=f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(VLLMServerError, match="refused a request \\(400\\).*longer than max_model_len"):
+            backend.generate(["Codes: I10\n"], 0, 0, SamplingConfig())
+    finally:
+        server.shutdown()
+
+
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="unknown backend 'tgi'"):
         make_backend("tgi", "x")
