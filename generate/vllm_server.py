@@ -100,7 +100,7 @@ class ServerOptions:
     # None: off on CPU hosts. vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a
     # seeded request's prompt is split across steps; every note is seeded, so prompts stay whole.
     chunked_prefill: bool | None = None
-    startup_timeout: float = 900.0  # the first start on a CPU compiles the model (~2 min here)
+    startup_timeout: float = 900.0  # eager starts take ~40 s on 2 CPU cores, compiled ones ~2.5 min
     extra_args: list[str] = field(default_factory=list)
     # Extra environment of the server, over CPU_DEFAULTS on CPU hosts (e.g. VLLM_CPU_OMP_THREADS_BIND).
     environment: dict[str, str] = field(default_factory=dict)
@@ -124,10 +124,11 @@ class VLLMServer:
         o = self.options
         # The API server module rather than the `vllm serve` CLI: the CLI reads the version of a
         # distribution named "vllm", and on CPU hosts the distribution is "vllm-cpu".
-        command = [str(self.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--dtype", o.dtype or ("auto" if _cuda() else "float32"), "--max-num-seqs", str(o.max_num_seqs),
-                   "--tensor-parallel-size", str(o.tensor_parallel_size),
-                   "--gpu-memory-utilization", str(o.gpu_memory_utilization or self._default_memory_fraction()),
+        command = [str(self.executable), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+                   "--host", "127.0.0.1", "--port", str(self.port),
+                   "--dtype", o.dtype or ("auto" if _cuda() else "float32"),
+                   "--max-num-seqs", str(o.max_num_seqs), "--tensor-parallel-size", str(o.tensor_parallel_size),
+                   "--gpu-memory-utilization", str(o.gpu_memory_utilization or (0.9 if _cuda() else 0.15)),
                    "--disable-uvicorn-access-log"]
         if o.max_model_len:
             command += ["--max-model-len", str(o.max_model_len)]
@@ -141,10 +142,6 @@ class VLLMServer:
         if not (o.chunked_prefill if o.chunked_prefill is not None else _cuda()):
             command.append("--no-enable-chunked-prefill")
         return command + list(o.extra_args)
-
-    @staticmethod
-    def _default_memory_fraction() -> float:
-        return 0.9 if _cuda() else 0.15
 
     def start(self) -> "VLLMServer":
         if not port_is_free(self.port):
