@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
 .PHONY: install vllm test test-fast demo demo-real study clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build comes from local disk; any other spec downloads CUDA wheels.
@@ -49,14 +49,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m dpnotes.demo
+	$(PY) -m dpnotes.study.demo
 
 # The privacy–utility study of docs/results.md (≤ 2 h on 2 CPU cores; re-running resumes).
 study: $(STAMP)
 	$(PY) -m dpnotes.study
 
 demo-real: $(STAMP)
-	$(PY) -m dpnotes.demo --real ../shared/data/mtsamples.csv
+	$(PY) -m dpnotes.study.demo --real ../shared/data/mtsamples.csv
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache runs

@@ -26,7 +26,7 @@ def build_model(name: str, setup: str):
     from peft import LoraConfig, get_peft_model
 
     from dpnotes.models import load_causal_lm
-    from dpnotes.train.model_setup import untie_word_embeddings
+    from dpnotes.training.model_setup import untie_word_embeddings
     from dpnotes.testing.tiny_models import tiny_llama
 
     if name == "tiny-llama":
@@ -77,8 +77,8 @@ def make_step(variant, model, optimizer, batch):
     if variant == "nonprivate":
         return mean_loss_step(model, optimizer, batch)
     if variant.startswith("dpnotes"):
-        from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
-        from dpnotes.train.dp.losses import causal_lm_losses
+        from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
+        from dpnotes.privacy.losses import causal_lm_losses
 
         config = PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size, steps=10**6,
                                clipping=variant.split("_")[1], micro_batch_size=batch_size, seed=0)

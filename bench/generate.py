@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the offline worker runs in the vLLM environment, where dpnotes is not installed
 
-from generate.backends import SamplingConfig, make_backend  # noqa: E402
+from dpnotes.generation.backends import SamplingConfig, make_backend  # noqa: E402
 
 
 def prompts(count: int, model: str) -> list[str]:
@@ -92,7 +92,7 @@ def main() -> None:
 
     import tempfile
 
-    from dpnotes.generate.vllm_server import find_vllm
+    from dpnotes.generation.vllm_server import find_vllm
 
     texts = prompts(args.prompts, args.model)
     rows = []

@@ -29,13 +29,13 @@ def worker(args) -> None:
     import torch
 
     from dpnotes.models import load_causal_lm
-    from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
-    from dpnotes.train.dp.losses import causal_lm_losses
-    from dpnotes.train.dp.randomness import stream
-    from dpnotes.train.dp.zero import DeepSpeedDPStep, all_reduce_max, is_deepspeed, prepare_deepspeed, zero_stage
-    from dpnotes.train.model_setup import TrainableConfig, prepare_trainable
-    from dpnotes.train.recipe import make_accelerator
-    from dpnotes.train.run_config import TrainConfig
+    from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
+    from dpnotes.privacy.losses import causal_lm_losses
+    from dpnotes.privacy.randomness import stream
+    from dpnotes.privacy.deepspeed import DeepSpeedDPStep, all_reduce_max, is_deepspeed, prepare_deepspeed, zero_stage
+    from dpnotes.training.model_setup import TrainableConfig, prepare_trainable
+    from dpnotes.training.recipe import make_accelerator
+    from dpnotes.training.config import TrainConfig
 
     config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none")
     accelerator = make_accelerator(config)

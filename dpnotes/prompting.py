@@ -8,7 +8,7 @@ one: the pretrained model then already writes a plausible note from it, and DP f
 to nudge it towards the corpus (Li et al. 2021; Yue et al. 2023 — bare "Codes: I10" prompts left a
 135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
 p(note | codes) and spends no budget on the (private) code distribution, which is released
-separately (generate/conditioning.py).
+separately (dpnotes/generation/conditioning.py).
 """
 from __future__ import annotations
 

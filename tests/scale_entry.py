@@ -8,7 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from dpnotes.train import recipe
+from dpnotes.training import recipe
 
 kill_after = os.environ.get("DPNOTES_TEST_KILL_AFTER_STEP")
 if kill_after is not None:

@@ -5,7 +5,7 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from dpnotes.train.dp.accounting import (
+from dpnotes.privacy.accounting import (
     PrivacyAccountant,
     PrvAccountant,
     accountant_from_state,

@@ -8,11 +8,11 @@ from torch import nn
 
 from dpnotes.testing.dp_oracle import clipped_sum_reference, per_example_gradients
 from dpnotes.testing.tiny_models import random_batch, tiny_llama
-from dpnotes.train.dp.accounting import compute_epsilon
-from dpnotes.train.dp.engine import PrivacyConfig, PrivacyEngine
-from dpnotes.train.dp.losses import causal_lm_losses
-from dpnotes.train.dp.randomness import SecretKeys
-from dpnotes.train.dp.sampling import PoissonSampler, pack_micro_batches
+from dpnotes.privacy.accounting import compute_epsilon
+from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
+from dpnotes.privacy.losses import causal_lm_losses
+from dpnotes.privacy.randomness import SecretKeys
+from dpnotes.privacy.sampling import PoissonSampler, pack_micro_batches
 
 DATA = random_batch(vocab=128, batch=40, seq_len=10, seed=11)
 
@@ -154,7 +154,7 @@ def test_patient_unit_engine_clips_per_patient():
 def test_bf16_sums_and_noise_are_fp32_and_cast_once(mode, sigma):
     """One large and 63 small contributions: a bf16 running sum drops every small one (each is
     under half an ulp of the sum), losing 6 % of the total; the fp32 sum keeps them."""
-    from dpnotes.train.dp.randomness import gaussian, stream
+    from dpnotes.privacy.randomness import gaussian, stream
 
     rows = torch.cat([torch.ones(1, 4), torch.full((63, 4), 2.0**-10)])
     model = nn.Linear(4, 1, bias=False).to(torch.bfloat16)

@@ -7,9 +7,9 @@ from peft import LoraConfig, get_peft_model
 
 from dpnotes.testing.dp_oracle import assert_clipper_matches_oracle
 from dpnotes.testing.tiny_models import DECODER_FAMILIES, prompt_masked_batch, tiny_causal_lm
-from dpnotes.train.dp.clipping import PerExampleClipper
-from dpnotes.train.dp.losses import causal_lm_losses
-from dpnotes.train.dp.rules import UnsupportedParameterError
+from dpnotes.privacy.clipping import PerExampleClipper
+from dpnotes.privacy.losses import causal_lm_losses
+from dpnotes.privacy.rules import UnsupportedParameterError
 
 # What is refused, and the module class the refusal must name. Nothing else may be refused.
 REFUSED = {

@@ -6,9 +6,9 @@ from peft import LoraConfig, get_peft_model
 
 from dpnotes.testing.dp_oracle import assert_clipper_matches_oracle, per_example_gradients
 from dpnotes.testing.tiny_models import prompt_masked_batch, random_batch, tiny_bert, tiny_llama
-from dpnotes.train.dp.clipping import PerExampleClipper
-from dpnotes.train.dp.losses import causal_lm_losses, multilabel_classification_losses
-from dpnotes.train.dp.rules import UnsupportedParameterError
+from dpnotes.privacy.clipping import PerExampleClipper
+from dpnotes.privacy.losses import causal_lm_losses, multilabel_classification_losses
+from dpnotes.privacy.rules import UnsupportedParameterError
 
 def with_lora(model, targets, **extra):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False, **extra)

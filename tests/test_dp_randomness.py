@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpnotes.train.dp import randomness
-from dpnotes.train.dp.engine import NOT_PRIVATE, PrivacyConfig, PrivacyEngine
-from dpnotes.train.dp.randomness import REPLICATED, SecretKeys, stream
+from dpnotes.privacy import randomness
+from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyConfig, PrivacyEngine
+from dpnotes.privacy.randomness import REPLICATED, SecretKeys, stream
 
 
 def test_keys_are_128_bit_from_os_entropy_and_independent(monkeypatch):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from dpnotes.corpus import generate_default_corpus, write_notes
-from dpnotes.eval.cli import keep_top_labels, main, parse_options
+from dpnotes.evaluation.cli import keep_top_labels, main, parse_options
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
-from dpnotes.eval.coders import (
+from dpnotes.evaluation.coders import (
     EncoderCoder,
     EvalInputError,
     TfidfCoder,

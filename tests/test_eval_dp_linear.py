@@ -9,13 +9,13 @@ from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.eval.cli import build_parser, main
-from dpnotes.eval.coders import EvalInputError, evaluate_coder
-from dpnotes.eval.dp_classifier import DP_CODERS, dp_epsilon_sweep
-from dpnotes.eval.dp_linear import DPLinearCoder, FrozenEncoderFeatures, HashedNgramFeatures
+from dpnotes.evaluation.cli import build_parser, main
+from dpnotes.evaluation.coders import EvalInputError, evaluate_coder
+from dpnotes.evaluation.dp_classifier import DP_CODERS, dp_epsilon_sweep
+from dpnotes.evaluation.dp_linear import DPLinearCoder, FrozenEncoderFeatures, HashedNgramFeatures
 from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert
-from dpnotes.train.dp.engine import NOT_PRIVATE
+from dpnotes.privacy.engine import NOT_PRIVATE
 
 LABELS = public_label_space(None, "default")
 # Full batches (q = 1): the accountant's ε is then closed-form, where sampled steps cost it ~0.3 s each.

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note
-from dpnotes.eval.fidelity import (
+from dpnotes.evaluation.fidelity import (
     code_distances,
     embed_texts,
     fidelity_report,

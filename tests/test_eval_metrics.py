@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from dpnotes.eval.metrics import (
+from dpnotes.evaluation.metrics import (
     auc_scores,
     binarize,
     bootstrap_ci,

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from transformers import PreTrainedTokenizerFast
 
 from dpnotes.corpus import Note
-from dpnotes.eval.privacy import (
+from dpnotes.evaluation.leakage import (
     SuffixAutomaton,
     canary_contexts,
     canary_exposure,

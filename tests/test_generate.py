@@ -11,19 +11,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpnotes.corpus import Note, generate_default_corpus
-from dpnotes.generate.backends import SamplingConfig, make_backend
-from dpnotes.generate.conditioning import (
+from dpnotes.generation.backends import SamplingConfig, make_backend
+from dpnotes.generation.conditioning import (
     CodeSetDistribution,
     dp_code_marginals,
     dp_code_set_histogram,
     prior_distribution,
     unit_contributions,
 )
-from dpnotes.generate.merge import merge_run
-from dpnotes.generate.synthesize import CONDITIONING, MANIFEST, NOTES, conditioning_for, load_synthetic, synthesize
+from dpnotes.generation.merge import merge_run
+from dpnotes.generation.synthesize import CONDITIONING, MANIFEST, NOTES, conditioning_for, load_synthetic, synthesize
 from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.tiny_runs import tiny_training_run
-from dpnotes.train.dp.accounting import compute_epsilon
+from dpnotes.privacy.accounting import compute_epsilon
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ class RefusingCompletions(BaseHTTPRequestHandler):
 
 
 def test_a_refused_request_says_what_the_server_said():
-    from dpnotes.generate.vllm_server import VLLMServerError
+    from dpnotes.generation.vllm_server import VLLMServerError
 
     server = HTTPServer(("127.0.0.1", 0), RefusingCompletions)
     threading.Thread(target=server.serve_forever, daemon=True).start()

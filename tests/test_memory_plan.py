@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from dpnotes.train.memory_plan import GiB, PRESETS, RunShape, estimate, plan, trainable_params
+from dpnotes.training.memory_plan import GiB, PRESETS, RunShape, estimate, plan, trainable_params
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
 from dpnotes.testing.dp_oracle import clipped_sum_reference, flat_clipped_sum, per_example_gradients
-from dpnotes.train.dp.clipping import PerExampleClipper
-from dpnotes.train.dp.rules import UnsupportedParameterError, rule_for
-from dpnotes.train.dp.rules.normalization import HF_RMS_NORMS
+from dpnotes.privacy.clipping import PerExampleClipper
+from dpnotes.privacy.rules import UnsupportedParameterError, rule_for
+from dpnotes.privacy.rules.normalization import HF_RMS_NORMS
 
 
 def load_class(path: str) -> type:
@@ -255,8 +255,8 @@ def test_undeclared_flattened_tokens_are_refused():
 
 def test_a_bound_module_returning_a_tuple_is_refused(monkeypatch):
     """A rule sees the gradient of its module's output tensor: a tuple output cannot be recorded."""
-    from dpnotes.train.dp.rules import registry
-    from dpnotes.train.dp.rules.linear import LinearRule
+    from dpnotes.privacy.rules import registry
+    from dpnotes.privacy.rules.linear import LinearRule
 
     class Pair(nn.Linear):
         def forward(self, x):

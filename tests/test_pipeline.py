@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dpnotes.pipeline import Pipeline, load_pipeline_config
+from dpnotes.study.pipeline import Pipeline, load_pipeline_config
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_rerun_skips_completed_stages(study, capsys):
 
 def test_a_baseline_is_recomputed_when_its_code_changes(study, capsys, monkeypatch):
     """The cache key covers the coder's code (its defaults), not only the options in the config."""
-    import dpnotes.pipeline as pipeline
+    import dpnotes.study.pipeline as pipeline
 
     config, root, _ = study
     real_digest = pipeline.source_digest

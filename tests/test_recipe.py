@@ -8,9 +8,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from dpnotes.train.dp.engine import NOT_PRIVATE, PrivacyEngine
-from dpnotes.train.recipe import RUN_STAMP, CheckpointError, latest_checkpoint, train
-from dpnotes.train.run_config import load_config
+from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
+from dpnotes.training.recipe import RUN_STAMP, CheckpointError, latest_checkpoint, train
+from dpnotes.training.config import load_config
 
 CONFIG = "train/configs/tiny_test.yaml"
 
@@ -96,8 +96,8 @@ def test_output_dir_of_another_config_is_refused(tmp_path, tiny_model_dir):
 def test_lora_on_the_top_layers_only_adapts_those_layers_and_stays_exact():
     from dpnotes.testing.dp_oracle import assert_clipper_matches_oracle
     from dpnotes.testing.tiny_models import prompt_masked_batch, tiny_llama
-    from dpnotes.train.dp.losses import causal_lm_losses
-    from dpnotes.train.model_setup import TrainableConfig, prepare_trainable
+    from dpnotes.privacy.losses import causal_lm_losses
+    from dpnotes.training.model_setup import TrainableConfig, prepare_trainable
 
     model = prepare_trainable(tiny_llama(layers=3), TrainableConfig(lora_rank=2, lora_targets=["q_proj", "v_proj"],
                                                                      lora_top_layers=1))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import pytest
 
-from dpnotes.report import (
+from dpnotes.study.report import (
     collect,
     dp_coder_sweeps,
     example_note,

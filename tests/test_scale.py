@@ -27,8 +27,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpnotes.train.recipe import train
-from dpnotes.train.run_config import load_config
+from dpnotes.training.recipe import train
+from dpnotes.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "train/configs/tiny_test.yaml"

@@ -3,8 +3,8 @@ tests/test_scale.py)."""
 import pytest
 import torch
 
-from dpnotes.train.dp.randomness import stream
-from dpnotes.train.dp.zero import ZeroNoiseOptimizer
+from dpnotes.privacy.randomness import stream
+from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer
 
 
 def _param(n=20000):

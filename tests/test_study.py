@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dpnotes.study import StudyConfig, StudyPart, check_targets, load_study_config, write_results
+from dpnotes.study.parts import StudyConfig, StudyPart, check_targets, load_study_config, write_results
 
 
 def summary(f1_by_eps, real=0.9, dp=None):
@@ -24,9 +24,9 @@ def test_targets_are_met_missed_or_not_measured():
 
 
 def test_the_shipped_study_names_existing_pipeline_configs():
-    from dpnotes.pipeline import ROOT, load_pipeline_config
+    from dpnotes.study.pipeline import ROOT, load_pipeline_config
 
-    study = load_study_config(ROOT / "dpnotes" / "configs" / "study.yaml")
+    study = load_study_config(ROOT / "dpnotes" / "study" / "configs" / "study.yaml")
     assert {"default", "mtsamples", "cmc2007"} <= set(study.parts)
     for part in study.parts.values():
         config = load_pipeline_config(ROOT / part.config, part.overrides)
@@ -42,9 +42,9 @@ def test_results_are_written_for_finished_parts_and_say_what_has_not_run(tmp_pat
     (root / "a" / "baselines.json").write_text(json.dumps(
         {"real_tfidf": real, "dp_coder": {"hashed": {"by_epsilon": {"1": dp, "inf": dp}}}}))
     study = StudyConfig(str(root), str(tmp_path / "results.md"), {
-        "a": StudyPart("dpnotes/configs/study_default.yaml", "Part A", only="baselines",
+        "a": StudyPart("dpnotes/study/configs/study_default.yaml", "Part A", only="baselines",
                        targets={"dp_gap": {"epsilon": 1, "within": 0.05}}),
-        "b": StudyPart("dpnotes/configs/study_default.yaml", "Part B"),
+        "b": StudyPart("dpnotes/study/configs/study_default.yaml", "Part B"),
     })
     text = write_results(study, {"a": 120.0}).read_text()
     assert "## Part A" in text and "0.850 [0.800, 0.900]" in text and "2.0 min" in text
@@ -53,7 +53,7 @@ def test_results_are_written_for_finished_parts_and_say_what_has_not_run(tmp_pat
 
 
 def test_unknown_parts_are_refused(capsys):
-    from dpnotes.study import main
+    from dpnotes.study.parts import main
 
     with pytest.raises(SystemExit):
         main(["--only", "nope"])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from dpnotes.generate import backends
-from dpnotes.generate.backends import SamplingConfig, make_backend
-from dpnotes.generate.conditioning import CodeSetDistribution
-from dpnotes.generate.merge import merge_run
-from dpnotes.generate.synthesize import NOTES, load_synthetic, synthesize
-from dpnotes.generate.vllm_server import ServerOptions, VLLMServer, VLLMServerError, find_vllm
+from dpnotes.generation import backends
+from dpnotes.generation.backends import SamplingConfig, make_backend
+from dpnotes.generation.conditioning import CodeSetDistribution
+from dpnotes.generation.merge import merge_run
+from dpnotes.generation.synthesize import NOTES, load_synthetic, synthesize
+from dpnotes.generation.vllm_server import ServerOptions, VLLMServer, VLLMServerError, find_vllm
 from dpnotes.testing.tiny_models import tiny_llama_folder
 from dpnotes.testing.tiny_runs import tiny_training_run
 
@@ -132,7 +132,7 @@ def test_a_busy_port_is_refused_before_starting(run):
 OFFLINE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])  # the repository: dpnotes is not installed in the vLLM environment
-from generate.backends import SamplingConfig, make_backend
+from dpnotes.generation.backends import SamplingConfig, make_backend
 engine = make_backend("vllm", sys.argv[2], adapter_dir=sys.argv[3], max_lora_rank=8, enforce_eager=True,
                       max_model_len=128, dtype="float32")
 outputs = engine.generate(["Write a note.\\n"] * 3, 5, 1, SamplingConfig(max_new_tokens=8))

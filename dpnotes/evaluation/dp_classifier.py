@@ -1,0 +1,304 @@
+"""DP-LoRA multi-label classification: an encoder (MiniLM) with LoRA on "query"/"value" and a
+trainable classifier head, trained with `dpnotes.privacy.engine.PrivacyEngine` (DP-SGD with
+per-example clipping, Poisson sampling, calibrated noise) at a target ε.
+
+ε = ∞ is the non-private reference: σ = 0 but clipping (and Poisson sampling) are kept, so the
+ε-sweep isolates the effect of noise. The privacy unit is the patient by default (all notes of a
+patient are one unit), the project's convention.
+
+What the trained coder releases besides its DP weights is public by construction: the label space
+(head width and label list) is a public list (dpnotes.corpus.code_lists), never the codes found in
+the training notes, which would reveal rare codes; the model seed only initialises weights, while
+sampling and noise use secret keys (a fixed `privacy_seed` is for tests and audits and marks the
+result "not private: fixed seed").
+
+`DPCoder` holds what every DP coder shares (public labels, privacy units, the DP training loop
+and its `privacy_` report); `DPLoRACoder` here and the linear coders of `dp_linear` build on it.
+They implement the `Coder` interface, so they are scored by `evaluate_coder` exactly like the
+non-private coders; `dp_epsilon_sweep` runs one of them (`DP_CODERS`) at several ε and reports
+weighted-F1 per ε.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from dpnotes.evaluation.coders import Coder, EvalInputError, _require_notes, evaluate_coder
+from dpnotes.evaluation.metrics import binarize
+from torch import nn
+
+from dpnotes.corpus.schema import Note
+
+DEFAULT_EPSILONS = (0.01, 0.1, 1.0, 10.0, math.inf)
+
+ModelFactory = Callable[[int], tuple[nn.Module, Any]]  # num_labels -> (sequence classifier, tokenizer)
+
+
+def _load_classifier(name: str) -> ModelFactory:
+    def build(num_labels: int):
+        from dpnotes.models import load_sequence_classifier
+
+        return load_sequence_classifier(name, num_labels)
+
+    return build
+
+
+def _classifier_output(model: nn.Module) -> nn.Linear:
+    head = model.classifier
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]  # e.g. RoBERTa's dense → out_proj
+    if not linears:
+        raise ValueError("cannot find the classifier's output layer")
+    return linears[-1]
+
+
+class DPCoder(Coder):
+    """What every DP coder shares: the public label space, the privacy units and the DP training
+    loop through `PrivacyEngine`, which records the `privacy_` report. Subclasses build a model
+    whose trainable parameters all have norm rules, and a `fetch` that collates examples."""
+
+    def __init__(
+        self,
+        epsilon: float,
+        labels: Sequence[str],
+        *,
+        delta: float | None,
+        steps: int,
+        expected_batch_size: int | None,
+        micro_batch_size: int,
+        max_grad_norm: float,
+        lr: float,
+        privacy_unit: str,
+        clipping: str,
+        head_bias_init: float | None,
+        seed: int,
+        privacy_seed: int | None,
+        log: Callable[[str], None] | None,
+    ):
+        if not labels:
+            raise EvalInputError("the DP coder needs a public label list (dpnotes.corpus.code_lists)")
+        self.epsilon, self.public_labels, self.delta = epsilon, sorted(set(labels)), delta
+        self.steps, self.expected_batch_size, self.micro_batch_size = steps, expected_batch_size, micro_batch_size
+        self.max_grad_norm, self.lr = max_grad_norm, lr
+        self.privacy_unit, self.clipping = privacy_unit, clipping
+        self.seed, self.privacy_seed = seed, privacy_seed  # model initialisation; sampling and noise (None: secret)
+        self.head_bias_init = head_bias_init
+        self.log = log or (lambda message: None)
+
+    def _public_targets(self, train: Sequence[Note]) -> torch.Tensor:
+        """(notes, labels) multi-hot over the public label list; codes outside it are ignored."""
+        _require_notes(train, "train")
+        self.labels = self.public_labels
+        y_train = binarize([n.codes for n in train], self.labels)
+        if not y_train.any():
+            raise EvalInputError("no training note carries a code of the public label list")
+        return torch.tensor(y_train, dtype=torch.float32)
+
+    def _units(self, train: Sequence[Note]) -> tuple[list[list[int]] | None, int]:
+        """(example indices of each unit or None, number of units) for the privacy unit."""
+        if self.privacy_unit == "patient":
+            groups: dict[str, list[int]] = {}
+            for index, note in enumerate(train):
+                groups.setdefault(note.patient_id, []).append(index)
+            return list(groups.values()), len(groups)
+        if self.privacy_unit == "sequence":
+            return None, len(train)
+        raise ValueError(f"privacy_unit must be 'patient' or 'sequence', got {self.privacy_unit!r}")
+
+    def _expected_batch(self, num_units: int) -> int:
+        return min(self.expected_batch_size, num_units)
+
+    def _train_private(self, model: nn.Module, fetch: Callable[[list[int]], dict], loss_fn, train: Sequence[Note],
+                       optimizer: torch.optim.Optimizer) -> None:
+        """DP training of `model`'s trainable parameters at the target ε; sets `privacy_`."""
+        from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
+
+        examples_of_unit, num_units = self._units(train)
+        config = PrivacyConfig(
+            target_epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self._expected_batch(num_units), steps=self.steps,
+            micro_batch_size=self.micro_batch_size, clipping=self.clipping, privacy_unit=self.privacy_unit,
+            seed=self.privacy_seed,
+        )
+        model.train()
+        engine = PrivacyEngine(model, config, num_units, examples_of_unit)
+        started = time.perf_counter()
+        losses = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # dropout masks: public randomness, like initialisation
+            while engine.budget_allows_step():
+                stats = engine.step(model, optimizer, fetch, loss_fn)
+                if stats.examples:
+                    losses.append(stats.loss_sum / stats.examples)
+                if engine.steps_taken % 10 == 0:
+                    self.log(f"ε={self.epsilon} step {engine.steps_taken}/{self.steps} [not private: loss {np.mean(losses[-10:]) if losses else float('nan'):.4f}]")
+        model.eval()
+        summary = engine.summary()
+        self.privacy_ = {
+            "target_epsilon": self.epsilon, "epsilon_spent": engine.epsilon(), "delta": engine.delta,
+            "noise_multiplier": engine.noise_multiplier, "sample_rate": engine.sample_rate,
+            "steps_taken": engine.steps_taken, "steps_planned": self.steps, "privacy_units": num_units,
+            "privacy_unit": self.privacy_unit, "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": summary["expected_batch_size"], **engine.privacy_status(),
+            "labels": len(self.labels),
+            # Measured on the private batches, not covered by DP: for trusted logs only.
+            "train_seconds_nonprivate": time.perf_counter() - started,
+            "final_train_loss_nonprivate": float(np.mean(losses[-10:])) if losses else None,
+        }
+
+
+class DPLoRACoder(DPCoder):
+    def __init__(
+        self,
+        epsilon: float,
+        labels: Sequence[str],
+        model: str | ModelFactory = "minilm",
+        delta: float | None = None,
+        steps: int = 100,
+        expected_batch_size: int = 64,
+        micro_batch_size: int = 32,
+        max_grad_norm: float = 1.0,
+        lr: float = 2e-3,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        target_modules: Sequence[str] = ("query", "value"),
+        max_length: int = 128,
+        privacy_unit: str = "patient",
+        clipping: str = "bk",
+        head_bias_init: float | None = -3.0,
+        seed: int = 0,
+        privacy_seed: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        super().__init__(epsilon, labels, delta=delta, steps=steps, expected_batch_size=expected_batch_size,
+                         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, lr=lr,
+                         privacy_unit=privacy_unit, clipping=clipping, head_bias_init=head_bias_init, seed=seed,
+                         privacy_seed=privacy_seed, log=log)
+        self.model_spec, self.lora_r, self.lora_alpha = model, lora_r, lora_alpha
+        self.target_modules, self.max_length = list(target_modules), max_length
+
+    def _build(self, num_labels: int):
+        from peft import LoraConfig, get_peft_model
+
+        factory = self.model_spec if callable(self.model_spec) else _load_classifier(self.model_spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            base, tokenizer = factory(num_labels)
+            if self.head_bias_init is not None:
+                # A data-independent prior (codes are rare): without it DP-Adam spends most of a short
+                # run walking the output biases from 0 (p = 0.5) down, at ~lr per step.
+                with torch.no_grad():
+                    _classifier_output(base).bias.fill_(self.head_bias_init)
+            config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
+                                lora_dropout=0.0, modules_to_save=["classifier"])
+            model = get_peft_model(base, config)
+        return model, tokenizer
+
+    def fit(self, train, dev=None):
+        from dpnotes.privacy.losses import multilabel_classification_losses
+
+        targets = self._public_targets(train)
+        self.model_, self.tokenizer = self._build(len(self.labels))
+        encoded = self.tokenizer([n.text for n in train], padding="longest", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+
+        def fetch(indices: list[int]) -> dict[str, torch.Tensor]:
+            rows = torch.tensor(indices, dtype=torch.long)
+            mask = attention_mask[rows]
+            width = max(1, int(mask.sum(1).max()))  # trim the padding this micro-batch does not need
+            return {"input_ids": input_ids[rows, :width], "attention_mask": mask[:, :width], "labels": targets[rows]}
+
+        trainable = [p for p in self.model_.parameters() if p.requires_grad]
+        self._train_private(self.model_, fetch, multilabel_classification_losses, train,
+                            torch.optim.Adam(trainable, lr=self.lr))
+        return self
+
+    @torch.no_grad()
+    def predict_proba(self, notes, batch_size: int = 64):
+        _require_notes(notes, "prediction")
+        self.model_.eval()
+        out = []
+        for start in range(0, len(notes), batch_size):
+            batch = self.tokenizer([n.text for n in notes[start : start + batch_size]], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            logits = self.model_(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out.append(torch.sigmoid(logits.float()).numpy())
+        return np.concatenate(out, axis=0)
+
+
+def _lora_coders(labels: Sequence[str], **options) -> Callable[[float], DPCoder]:
+    return lambda epsilon: DPLoRACoder(epsilon, labels, **options)
+
+
+def _linear_coders(kind: str) -> Callable[..., Callable[[float], DPCoder]]:
+    def make(labels: Sequence[str], **options) -> Callable[[float], DPCoder]:
+        from dpnotes.evaluation.dp_linear import linear_coders  # it imports this module: loaded on use
+
+        return linear_coders(kind, labels, **options)
+
+    return make
+
+
+# name -> (public labels, **options) -> (ε -> coder): one maker per sweep, so the linear coders
+# share one feature map (MiniLM encodes each note once for every ε).
+DP_CODERS: dict[str, Callable[..., Callable[[float], DPCoder]]] = {
+    "lora": _lora_coders, "probe": _linear_coders("probe"), "hashed": _linear_coders("hashed"),
+}
+
+
+def dp_epsilon_sweep(
+    train: Sequence[Note],
+    dev: Sequence[Note],
+    test: Sequence[Note],
+    labels: Sequence[str],
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    coder: str = "lora",
+    **coder_options,
+) -> dict:
+    """Train one DP coder per ε over the public `labels`; weighted-F1 (and the rest) on real test
+    notes. `coder`: a name of `DP_CODERS` ("lora": DP-LoRA MiniLM; "probe": DP linear probe on
+    frozen MiniLM features; "hashed": DP logistic regression on hashed n-grams); `coder_options`
+    go to it. `seed` seeds model initialisation and the bootstrap, never the privacy keys.
+
+    Returns {"by_epsilon": {str(ε): result}, "weighted_f1": {str(ε): value}} where each result is
+    `evaluate_coder`'s dict plus "privacy" and "seconds" (fit, predictions and bootstrap; a
+    shared feature map is computed in the first ε's).
+    """
+    for name, notes in (("train", train), ("dev", dev), ("test", test)):
+        _require_notes(notes, name)
+    if not epsilons:
+        raise ValueError("no epsilon given")
+    if coder not in DP_CODERS:
+        raise EvalInputError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
+    make_coder = DP_CODERS[coder](labels, seed=seed, log=log, **coder_options)
+    results = {}
+    for epsilon in epsilons:
+        trained = make_coder(epsilon)
+        started = time.perf_counter()
+        result = evaluate_coder(trained, train, dev, test, n_bootstrap=n_bootstrap, seed=seed)
+        result["privacy"], result["seconds"] = trained.privacy_, time.perf_counter() - started
+        results[format_epsilon(epsilon)] = result
+        if log:
+            log(f"ε={format_epsilon(epsilon)}: weighted F1 {result['metrics']['weighted_f1']:.4f} "
+                f"(σ={trained.privacy_['noise_multiplier']:.3g}, {trained.privacy_['steps_taken']} steps)")
+    return {"by_epsilon": results, "weighted_f1": {eps: r["metrics"]["weighted_f1"] for eps, r in results.items()}}
+
+
+def format_epsilon(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def parse_epsilon(text: str) -> float:
+    value = float("inf") if text.strip().lower() in ("inf", "∞", "infinity") else float(text)
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"epsilon must be > 0 or 'inf', got {text!r}")
+    return value

@@ -1,0 +1,74 @@
+"""Evaluation stages of the pipeline: one trained generator (utility, privacy, fidelity) and the
+coder baselines on real notes (non-private and DP-LoRA per ε)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from dpnotes.corpus import Note, canary_secrets
+from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets, evaluate_coder
+from dpnotes.evaluation.fidelity import fidelity_report
+from dpnotes.evaluation.leakage import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
+from dpnotes.generation.synthesize import load_synthetic
+from dpnotes.prompting import prompt_format_from
+
+
+def _sample(notes: list[Note], count: int, seed: int = 0) -> list[Note]:
+    return random.Random(seed).sample(notes, min(count, len(notes)))
+
+
+def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> dict:
+    """Coders trained on the synthetic notes (tested on real), exposure of planted canaries, loss
+    MIA, verbatim leakage and fidelity for the generator in run_dir/merged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train, dev, test = splits["train"], splits["dev"], splits["test"]
+    synthetic = load_synthetic(run_dir / "synthetic")
+    coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap)
+
+    merged = run_dir / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    prompt = prompt_format_from(json.loads((merged / "privacy_report.json").read_text()), str(merged))
+
+    def prompt_of(codes):
+        return prompt.render(codes, tokenizer)
+
+    privacy: dict = {}
+    canaries, contexts = canary_contexts(train + dev + test, prompt_of)
+    if canaries:
+        # Canaries of held-out patients are the control: the model never saw them.
+        exposure = canary_exposure(model, tokenizer, canaries, contexts, n_candidates=config.canary_candidates)
+        trained_on = set(canary_secrets(train))
+        for row, canary in zip(exposure["per_canary"], canaries):
+            row["member"] = canary in trained_on
+        for group, member in (("member", True), ("nonmember", False)):
+            values = [r["exposure"] for r in exposure["per_canary"] if r["member"] == member]
+            exposure[f"mean_{group}_exposure"] = sum(values) / len(values) if values else None
+        privacy["exposure"] = exposure
+    with torch.no_grad():
+        members = note_losses(model, tokenizer, _sample(train, config.mia_notes), prompt_of)
+        nonmembers = note_losses(model, tokenizer, _sample(test, config.mia_notes), prompt_of)
+    privacy["membership_inference"] = membership_inference(members, nonmembers)
+    privacy["verbatim"] = verbatim_leakage([n.text for n in synthetic], [n.text for n in train],
+                                           canaries=canary_secrets(train))
+    fidelity = fidelity_report(test, synthetic)
+    return {"coders": coders, "privacy": privacy, "fidelity": fidelity, "synthetic_notes": len(synthetic)}
+
+
+def real_coder_baseline(splits: dict[str, list[Note]], bootstrap: int) -> dict:
+    """The coder trained on the real train notes (no privacy): the ceiling synthetic notes aim at."""
+    return evaluate_coder(TfidfCoder(), splits["train"], splits["dev"], splits["test"], n_bootstrap=bootstrap)
+
+
+def dp_coder_baseline(splits: dict[str, list[Note]], labels: list[str], coder: str, epsilon: float, bootstrap: int,
+                      options: dict) -> dict:
+    """One DP coder of kind `coder` trained on the real notes at ε over the public `labels`."""
+    from dpnotes.evaluation.dp_classifier import dp_epsilon_sweep, format_epsilon
+
+    sweep = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], labels, epsilons=[epsilon],
+                             n_bootstrap=bootstrap, coder=coder, log=print, **options)
+    return sweep["by_epsilon"][format_epsilon(epsilon)]

@@ -1,0 +1,70 @@
+"""Merge a DP-trained LoRA adapter into its base model and save a standard HF folder whose model
+card records the privacy guarantee.
+
+    python -m dpnotes.generation.merge --run runs/demo/eps8 --out runs/demo/eps8/merged
+
+Merging is post-processing of the DP-trained adapter: it spends no privacy budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from dpnotes.models import load_causal_lm
+
+CARD = """---
+library_name: transformers
+tags: [differential-privacy, dpnotes, clinical-notes]
+---
+# {name}
+
+Causal LM fine-tuned with differentially private LoRA by dpnotes, adapter merged into `{model}`.
+
+| privacy | value |
+| --- | --- |
+| ε | {epsilon} |
+| δ | {delta} |
+| noise multiplier σ | {noise_multiplier} |
+| sampling rate q | {sample_rate} |
+| steps | {steps} |
+| clipping norm C | {max_grad_norm} |
+| privacy unit | {privacy_unit} ({privacy_units} units) |
+| accountant | {accountant} |
+| data set | {corpus} |
+| training config hash | {config_hash} |
+
+The guarantee covers the weights (and anything generated from them) with respect to the training
+notes, at the privacy unit above. Control codes used to prompt generation, if released from the
+training notes (dp-histogram, dp-marginals), are released and accounted at the same privacy unit
+({privacy_unit}); their (ε, δ) and the total with the weights' (basic composition) are reported in
+the synthetic notes' manifest.json. A public prior costs nothing.
+"""
+
+
+def merge_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Merge run_dir/adapter into the base model named in run_dir/privacy_report.json."""
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    base, tokenizer = load_causal_lm(report["model"], dtype=dtype)
+    merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "privacy_report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "README.md").write_text(CARD.format(name=out_dir.name, **report))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="training output_dir (adapter/ + privacy_report.json)")
+    parser.add_argument("--out", type=Path, help="default: RUN/merged")
+    args = parser.parse_args(argv)
+    print(merge_run(args.run, args.out or args.run / "merged"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""DP-SGD under DeepSpeed ZeRO-1/2/3 (see shared docs/dp-under-zero.md for the traps).
+
+One logical step, on every rank:
+
+1. The logical batch is Poisson-sampled with the shared sampling key (same on every rank) and this rank
+   packs its share into micro-batches. Ranks agree on the largest micro-batch count (all-reduce
+   MAX) and pad with zero-weight micro-batches: DeepSpeed's collectives (ZeRO-2 gradient
+   reduction, ZeRO-3 parameter gathers) need the same number of forwards/backwards everywhere,
+   and truncating a sampled batch would break the privacy analysis.
+2. Per micro-batch, a norm pass: a forward through the *unwrapped* module recorded by the
+   clipper, then `torch.autograd.grad` w.r.t. the recorded layer outputs only (no parameter
+   `.grad`, no engine backward) gives the per-unit clip coefficients c_i; the RNG is rewound so
+   the engine forward of step 3 draws the same dropout masks. The engine forward's graph cannot
+   be reused for the norm pass: DeepSpeed 0.19 hooks it, and any backward through it runs the
+   reduction epilogue (measured: ZeRO-2 IndexError in reduce_ipg_grads). The norm rules read
+   activations and backprops only, so they are ZeRO-3-safe.
+3. ONE `engine.backward` of  (W / B_exp) · Σ_i c_i L_i  (never a second backward through the
+   engine). DeepSpeed averages over the W ranks (and we pass scale_wrt_gas=False),
+   so the reduced gradient is Σ_i c_i g_i / B_exp with B_exp = q·N, the global expected batch.
+4. `engine.step()`: the base optimizer DeepSpeed drives is a `ZeroNoiseOptimizer`, which adds
+   N(0, (σC/B_exp)²) to the gradient of every parameter it is asked to step, from the secret noise
+   key's stream of (step, rank), then delegates to the wrapped torch optimizer. Under ZeRO-1/2/3
+   that optimizer only ever sees this rank's disjoint fp32 partition, so the noise lands exactly
+   once per coordinate with the full std. Streams of distinct (step, rank) never overlap and are
+   recomputed from the checkpointed key, so resumed runs draw the same noise as uninterrupted ones
+   (see randomness.py).
+
+ZeRO stage 0 (replicated gradients) is refused: use the DDP-style path (no DeepSpeed), whose
+replicated noise (one stream, the same on every rank) is the right scheme for replicas.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dpnotes.privacy.engine import LossFn, PrivacyEngine, StepStats
+from dpnotes.privacy.randomness import collective_device, gaussian, stream
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+class ZeroNoiseOptimizer(torch.optim.Optimizer):
+    """Wraps the torch optimizer handed to DeepSpeed; adds the DP noise to the gradients of the
+    parameters it steps (under ZeRO: this rank's fp32 partition) before delegating `step`.
+
+    Stepping while not armed raises when noise is due, so an update can never go out un-noised.
+    DeepSpeed may call `step` several times per engine step (one per param group / ZeRO-3 sub
+    group): each call sees different partitions, and draws continue on the same stream.
+    """
+
+    # Deliberately not calling Optimizer.__init__: param_groups and state are the base's own.
+    def __init__(self, base: torch.optim.Optimizer):
+        self.base = base
+        self.defaults = base.defaults
+        self._stream: np.random.Generator | None = None
+        self._std = 0.0
+        self.noised_elements = 0  # coordinates noised since the last arm() (tests, audits)
+
+    param_groups = property(lambda self: self.base.param_groups, lambda self, v: setattr(self.base, "param_groups", v))
+    state = property(lambda self: self.base.state, lambda self, v: setattr(self.base, "state", v))
+
+    def __getattr__(self, name):  # hooks and bookkeeping torch/DeepSpeed may look up
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __repr__(self) -> str:
+        return f"ZeroNoiseOptimizer({self.base!r})"
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def arm(self, std: float, stream: np.random.Generator) -> None:
+        self._std, self._stream, self.noised_elements = float(std), stream, 0
+
+    def disarm(self) -> None:
+        self._std, self._stream = 0.0, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._stream is None:
+            raise RuntimeError("ZeroNoiseOptimizer stepped outside a DP step (noise not armed)")
+        if self._std > 0:
+            for group in self.base.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    draw = gaussian(self._stream, param.grad.shape)
+                    param.grad.add_(draw.to(device=param.grad.device, dtype=param.grad.dtype), alpha=self._std)
+                    self.noised_elements += param.grad.numel()
+        return self.base.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.base.add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base.load_state_dict(state_dict)
+
+
+def prepare_deepspeed(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int):
+    """Wrap `optimizer` in the noise optimizer and hand both to DeepSpeed through accelerate.
+    Returns (DeepSpeed engine, noise optimizer)."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds_config = plugin.deepspeed_config
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(
+            f"DP under DeepSpeed needs ZeRO stage 1, 2 or 3 (got {stage}): with replicated gradients use the "
+            "DDP-style path (accelerate MULTI_GPU / MULTI_CPU), whose replicated noise is correct for replicas"
+        )
+    if ds_config.get("optimizer") or ds_config.get("scheduler"):
+        raise ValueError("the DeepSpeed config must not define optimizer/scheduler: dpnotes owns the DP step")
+    clip = ds_config.get("gradient_clipping", 0)
+    if clip not in (0, 0.0, "auto"):
+        raise ValueError("set gradient_clipping to 0: per-example DP clipping replaces it")
+    ds_config["gradient_clipping"] = 0.0
+    ds_config.setdefault("zero_allow_untested_optimizer", True)
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if ds_config.get("gradient_accumulation_steps", "auto") == "auto":
+        ds_config["gradient_accumulation_steps"] = 1
+    if ds_config.get("train_batch_size", "auto") == "auto":
+        ds_config["train_batch_size"] = (
+            ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"] * accelerator.num_processes
+        )
+    noisy = optimizer if isinstance(optimizer, ZeroNoiseOptimizer) else ZeroNoiseOptimizer(optimizer)
+    ds_model, _ = accelerator.prepare(model, noisy)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    partitioned = sum(1 for p in trainable if hasattr(p, "ds_shape") and p.numel() != p.ds_numel)
+    accelerator.print(
+        f"DeepSpeed ZeRO-{stage}: {partitioned}/{len(trainable)} trainable tensors partitioned; DP noise added "
+        "once per coordinate on each rank's fp32 partition"
+    )
+    return ds_model, noisy
+
+
+def zero_stage(accelerator) -> int:
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def _same_randomness():
+    """Run the norm-pass forward and then rewind the RNG, so the engine forward that follows draws
+    the same dropout masks (the norms must be those of the gradients that get back-propagated)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    yield
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest `value` over the ranks (on the backend's device: NCCL takes CUDA tensors only)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
+
+
+class DeepSpeedDPStep:
+    """Runs PrivacyEngine's logical steps through a DeepSpeed engine (ZeRO-1/2/3)."""
+
+    def __init__(self, engine: PrivacyEngine, ds_engine, module: nn.Module, optimizer: ZeroNoiseOptimizer):
+        self.engine = engine
+        self.ds_engine = ds_engine
+        self.module = module  # the unwrapped model, for the norm pass
+        self.optimizer = optimizer
+        self.expected_batch = engine.sample_rate * engine.num_units
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise on each coordinate of the final (averaged) gradient: σC / B_exp."""
+        return self.engine.noise.std / self.expected_batch
+
+    def step(self, fetch: Callable[[list[int]], dict], loss_fn: LossFn, rank: int, world_size: int) -> StepStats:
+        engine, ds = self.engine, self.ds_engine
+        local = list(engine.micro_batches(rank, world_size))
+        # At least one (zero-weight) pass even for an empty logical batch: the noise step still runs.
+        count = max(all_reduce_max(len(local)), 1)
+        scale = world_size / self.expected_batch
+        examples = units = clipped = tokens = 0
+        loss_sum = 0.0
+        for k in range(count):
+            real = k < len(local)
+            indices, group_index = local[k] if real else ([0], None)
+            batch = fetch(indices)
+            ds.set_gradient_accumulation_boundary(k == count - 1)
+            # The norm pass is its own forward through the unwrapped module: DeepSpeed 0.19 hooks
+            # the engine forward's graph, and any backward through it (even autograd.grad to the
+            # layer outputs) runs its reduction epilogue (ZeRO-2: IndexError in reduce_ipg_grads).
+            # The RNG is rewound so that both forwards draw the same dropout masks.
+            with _same_randomness():
+                with engine.clipper.recording(len(indices)):
+                    norm_losses = loss_fn(self.module, batch)
+                result = engine.clipper.coefficients(norm_losses, group_index)
+            losses = loss_fn(ds, batch)
+            coef = result.coefficients if group_index is None else result.coefficients[group_index.to(result.coefficients.device)]
+            if not real:
+                coef = torch.zeros_like(coef)
+            weighted = (losses * coef.to(device=losses.device, dtype=losses.dtype)).sum() * scale
+            ds.backward(weighted, scale_wrt_gas=False)
+            if real:
+                examples += len(indices)
+                units += len(result.norms)
+                clipped += result.clipped_count
+                loss_sum += float(losses.detach().sum())
+                if "attention_mask" in batch:
+                    tokens += int(batch["attention_mask"].sum())
+        # Each rank noises its own partition from its own stream of this step.
+        self.optimizer.arm(self.noise_std, stream(engine.noise.key, engine.steps_taken, rank))
+        try:
+            ds.step()
+        finally:
+            self.optimizer.disarm()
+        engine.accountant.step(engine.noise_multiplier, engine.sample_rate)
+        return StepStats(engine.epsilon(), examples, units, clipped, loss_sum, tokens)
+
+
+def save_trained(accelerator, ds_model, model: nn.Module, folder, tokenizer, full_model: bool = False) -> None:
+    """Save the LoRA adapter (or, with full_model, every weight) from a DeepSpeed run. Under ZeRO-3
+    the weights are gathered first (stage3_gather_16bit_weights_on_model_save). Collective: call
+    on every rank. Full weights keep the wrapped model's key names (PEFT: base + adapter, unmerged)."""
+    if full_model:
+        accelerator.save_model(ds_model, folder)
+    else:
+        state = accelerator.get_state_dict(ds_model)  # full state on the main process
+        if accelerator.is_main_process:
+            model.save_pretrained(folder, state_dict=state)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(folder)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,32 @@
+"""Gaussian mechanism on the clipped sum: N(0, σ²C²) once per coordinate per logical step."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from dpnotes.privacy.randomness import REPLICATED, gaussian, stream
+
+
+class GaussianNoise:
+    """Noise of std σC drawn from the secret noise key's stream of (step, rank)."""
+
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, key: int):
+        if noise_multiplier < 0:
+            raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.key = key
+
+    @property
+    def std(self) -> float:
+        return self.noise_multiplier * self.max_grad_norm
+
+    def add_(self, tensors: Iterable[torch.Tensor], step: int, rank: int = REPLICATED) -> None:
+        """Add independent N(0, std²) to every coordinate of the (fp32) tensors, drawn in order from
+        the stream of (step, rank): the draw does not depend on devices or on tensor placement."""
+        if self.std == 0:
+            return
+        draws = stream(self.key, step, rank)
+        for tensor in tensors:
+            tensor.add_(gaussian(draws, tensor.shape).to(device=tensor.device, dtype=tensor.dtype), alpha=self.std)

@@ -1,0 +1,3 @@
+from dpnotes.study.parts import main
+
+main()

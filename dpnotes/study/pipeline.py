@@ -1,0 +1,315 @@
+"""The whole study in one command: for each ε of a sweep, train → merge → generate → evaluate,
+then one report (privacy–utility trade-off) locally and to W&B.
+
+    python -m dpnotes.study.pipeline --config dpnotes/study/configs/pipeline_demo.yaml
+    python -m dpnotes.study.pipeline --config dpnotes/study/configs/pipeline_demo.yaml --only train --epsilon 8
+
+Every stage writes its outputs with the hash of what determined them and is skipped when they
+exist for the same hash; training resumes from its last checkpoint (same ε accounting), and
+generation resumes without duplicates. With `launcher:` set, training runs under
+`accelerate launch --config_file LAUNCHER` (multi-GPU / multi-node).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dpnotes.corpus import Note, split_by_patient
+from dpnotes.training.config import TrainConfig, _build, load_config
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipe scripts and their configs
+STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/demo"
+    train_config: str = "train/configs/demo_smollm2.yaml"
+    train_overrides: list[str] = field(default_factory=list)
+    epsilons: list[float] = field(default_factory=lambda: [8.0, math.inf])
+    launcher: str | None = None  # accelerate config file for multi-process training
+    # Synthetic notes per ε: synthetic_count, else synthetic_per_label × the public label space (a coder
+    # needs examples of every label; CMC-2007 has 45 codes, the default corpus 21).
+    synthetic_count: int | None = None
+    synthetic_per_label: int = 10
+    conditioning: str = "dp-marginals"  # or "dp-histogram" (whole code sets; large corpora), "prior" (prior_path)
+    conditioning_epsilon: float = 1.0
+    prior_path: str | None = None
+    max_new_tokens: int = 160
+    temperature: float = 0.8
+    generation_batch_size: int = 16
+    # "auto": the vLLM server when `make vllm` built its environment, else transformers; or one of
+    # generate.backends ("transformers", "vllm-server", "vllm"). generation_options go to the backend
+    # (vllm-server: url, concurrency, port, dtype, adapter_dir, max_lora_rank, enforce_eager, ...).
+    generation_backend: str = "auto"
+    generation_options: dict = field(default_factory=dict)
+    mia_notes: int = 100  # members and as many non-members
+    canary_candidates: int = 500
+    bootstrap: int = 200
+    # DP coders trained on the real notes: kinds of eval.dp_classifier.dp_epsilon_sweep ("hashed",
+    # "probe", "lora"), each at dp_coder_epsilons (None: the generator's epsilons).
+    dp_coders: list[str] = field(default_factory=lambda: ["hashed"])
+    dp_coder_epsilons: list[float] | None = None
+    dp_coder_options: dict = field(default_factory=dict)  # coder kind -> keyword options of its coder
+    dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
+    report_to: str = "wandb"
+
+
+def epsilon_tag(epsilon: float) -> str:
+    return "eps_inf" if math.isinf(epsilon) else f"eps_{epsilon:g}"
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_digest(*modules: str) -> str:
+    """Digest of the named modules' source files: a cached result is recomputed when the code that
+    computed it changes (its defaults included), not only when its options do."""
+    import importlib.util
+
+    return digest(*(hashlib.sha256(Path(importlib.util.find_spec(m).origin).read_bytes()).hexdigest() for m in modules))
+
+
+CODER_MODULES = ("dpnotes.evaluation.coders", "dpnotes.evaluation.metrics")
+DP_CODER_MODULES = CODER_MODULES + ("dpnotes.evaluation.dp_classifier", "dpnotes.evaluation.dp_linear", "dpnotes.privacy.engine",
+                                    "dpnotes.privacy.accounting")
+
+
+EVALUATION_MODULES = CODER_MODULES + ("dpnotes.evaluation.stages", "dpnotes.evaluation.leakage", "dpnotes.evaluation.fidelity")
+GENERATION_INPUTS = "inputs.json"  # in each synthetic/ folder: the key of what its notes were made from
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.root = Path(config.output_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ---- per-ε configuration -------------------------------------------------------------------
+    def train_config(self, epsilon: float) -> TrainConfig:
+        overrides = [*self.config.train_overrides, f"privacy.target_epsilon={epsilon}",
+                     f"output_dir={self.run_dir(epsilon)}", f"report_to={self.config.report_to}"]
+        return load_config(ROOT / self.config.train_config if not Path(self.config.train_config).exists()
+                           else self.config.train_config, overrides)
+
+    def run_dir(self, epsilon: float) -> Path:
+        return self.root / epsilon_tag(epsilon)
+
+    @functools.cached_property
+    def splits(self) -> dict[str, list[Note]]:
+        """The corpus split once per run (every ε shares it; a large corpus is read once)."""
+        from dpnotes.training.recipe import load_corpus_notes
+
+        config = self.train_config(self.config.epsilons[0])
+        return split_by_patient(load_corpus_notes(config), seed=config.split_seed)
+
+    @functools.cached_property
+    def labels(self) -> list[str]:
+        """The public label space of the corpus (never the codes found in its notes)."""
+        from dpnotes.corpus.code_lists import public_label_space
+
+        return public_label_space(self.config.dp_coder_labels, self.train_config(self.config.epsilons[0]).corpus)
+
+    @property
+    def synthetic_count(self) -> int:
+        return self.config.synthetic_count or self.config.synthetic_per_label * len(self.labels)
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def train(self, epsilon: float) -> dict:
+        config = self.train_config(epsilon)
+        report = read_json(self.run_dir(epsilon) / "privacy_report.json")
+        if report and report.get("config_hash") == config.fingerprint():
+            log(f"train {epsilon_tag(epsilon)}: done (ε = {report['epsilon']:.4g}), skipped")
+            return report
+        log(f"train {epsilon_tag(epsilon)}: DP fine-tuning to target ε = {epsilon}")
+        if self.config.launcher:
+            config_file = self.run_dir(epsilon) / "train_config.yaml"
+            config_file.parent.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(config), default=str))))
+            subprocess.run(["accelerate", "launch", "--config_file", self.config.launcher,
+                            str(ROOT / "train" / "dp_lora.py"), "--config", str(config_file)], check=True)
+            return read_json(self.run_dir(epsilon) / "privacy_report.json")
+        from dpnotes.training.recipe import train
+
+        return train(config)
+
+    def merge(self, epsilon: float) -> Path:
+        from dpnotes.generation.merge import merge_run
+
+        run, merged = self.run_dir(epsilon), self.run_dir(epsilon) / "merged"
+        if read_json(merged / "privacy_report.json") == read_json(run / "privacy_report.json"):
+            log(f"merge {epsilon_tag(epsilon)}: done, skipped")
+            return merged
+        log(f"merge {epsilon_tag(epsilon)}: LoRA → {merged}")
+        return merge_run(run, merged)
+
+    def generation_inputs(self, epsilon: float) -> dict:
+        """What the synthetic notes of ε depend on: the trained weights, the conditioning release,
+        sampling and the backend (each writes other notes). A change regenerates them."""
+        from dpnotes.generation.backends import resolve_backend
+
+        c = self.config
+        trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
+        backend = resolve_backend(c.generation_backend)
+        prior = Path(c.prior_path) if c.prior_path else None
+        return {"training": trained.get("config_hash"), "count": self.synthetic_count,
+                "conditioning": c.conditioning, "conditioning_epsilon": c.conditioning_epsilon,
+                "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and c.conditioning == "prior" else None,
+                "max_new_tokens": c.max_new_tokens, "temperature": c.temperature, "backend": backend,
+                # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
+                "batch_size": c.generation_batch_size if backend == "transformers" else None}
+
+    def generate(self, epsilon: float) -> dict:
+        from dpnotes.generation.backends import SamplingConfig
+        from dpnotes.generation.synthesize import MANIFEST, NOTES, conditioning_for, read_done, synthesize
+
+        c = self.config
+        out = self.run_dir(epsilon) / "synthetic"
+        inputs = self.generation_inputs(epsilon)
+        key = digest(inputs)
+        recorded = read_json(out / GENERATION_INPUTS)
+        if recorded and recorded["key"] == key:
+            manifest = read_json(out / MANIFEST)
+            if manifest and len(read_done(out / NOTES)) == inputs["count"]:
+                log(f"generate {epsilon_tag(epsilon)}: done, skipped")
+                return manifest
+        elif out.exists():  # other inputs (or a folder from before keys): its notes and release are stale
+            changed = sorted(k for k in inputs if (recorded or {}).get("inputs", {}).get(k) != inputs[k])
+            log(f"generate {epsilon_tag(epsilon)}: inputs changed ({', '.join(changed)}), regenerating")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / GENERATION_INPUTS).write_text(json.dumps({"key": key, "inputs": inputs}, indent=2))
+        train_notes = self.splits["train"] if c.conditioning != "prior" else None
+        unit = (read_json(self.run_dir(epsilon) / "privacy_report.json") or {}).get("privacy_unit")
+        # The conditioning is released at the training unit.
+        distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
+                                        Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
+        sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
+        log(f"generate {epsilon_tag(epsilon)}: {inputs['count']} notes with {inputs['backend']}")
+        options = dict(c.generation_options)
+        if inputs["backend"] == "vllm-server" and "url" not in options:
+            options.setdefault("server_log", str(out / "vllm_server.log"))  # kept beside the notes it wrote
+        return synthesize(self.run_dir(epsilon) / "merged", out, inputs["count"], distribution, inputs["backend"],
+                          sampling, seed=0, backend_options=options)
+
+    def evaluate(self, epsilon: float) -> dict:
+        from dpnotes.evaluation.stages import evaluate_generator
+
+        run = self.run_dir(epsilon)
+        c, train = self.config, self.train_config(epsilon)
+        # The notes (through their generation key), the data split, the evaluation's own settings and code.
+        key = digest(read_json(run / "synthetic" / GENERATION_INPUTS)["key"],
+                     (train.corpus, train.corpus_patients, train.canaries, train.split_seed),
+                     c.mia_notes, c.canary_candidates, c.bootstrap, source_digest(*EVALUATION_MODULES))
+        done = read_json(run / "eval.json")
+        if done and done.get("inputs_hash") == key:
+            log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")
+            return done
+        log(f"evaluate {epsilon_tag(epsilon)}: coders on synthetic vs real, exposure, MIA, leakage, fidelity")
+        result = evaluate_generator(run, self.splits, self.config)
+        result["inputs_hash"] = key
+        (run / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+        return result
+
+    def baselines(self) -> dict:
+        """The coder on real notes, and each DP coder at each ε: one file per result, so an interrupted
+        run resumes at the next missing one."""
+        from dpnotes.evaluation.dp_classifier import format_epsilon
+        from dpnotes.evaluation.stages import dp_coder_baseline, real_coder_baseline
+
+        c, train = self.config, self.train_config(self.config.epsilons[0])
+        data_key = (train.corpus, train.corpus_patients, train.canaries, train.split_seed, c.bootstrap)
+        folder = self.root / "baselines"
+        folder.mkdir(exist_ok=True)
+        computed = []
+
+        def cached(name: str, key: str, compute) -> dict:
+            done = read_json(folder / f"{name}.json")
+            if done and done.get("inputs_hash") == key:
+                return done
+            log(f"baselines: {name}")
+            computed.append(name)
+            result = {**compute(), "inputs_hash": key}
+            (folder / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+            return result
+
+        coder_code, dp_coder_code = source_digest(*CODER_MODULES), source_digest(*DP_CODER_MODULES)
+        result = {"real_tfidf": cached("real_tfidf", digest(data_key, coder_code),
+                                       lambda: real_coder_baseline(self.splits, c.bootstrap))}
+        sweeps = {}
+        for coder in c.dp_coders:
+            options = c.dp_coder_options.get(coder, {})
+            by_epsilon = {}
+            for epsilon in c.dp_coder_epsilons or c.epsilons:
+                tag = format_epsilon(epsilon)
+                by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels, dp_coder_code),
+                                         lambda: dp_coder_baseline(self.splits, self.labels, coder, epsilon, c.bootstrap, options))
+            sweeps[coder] = {"by_epsilon": by_epsilon,
+                             "weighted_f1": {tag: r["metrics"]["weighted_f1"] for tag, r in by_epsilon.items()}}
+        if sweeps:
+            result["dp_coder"] = sweeps
+        if computed or not (self.root / "baselines.json").exists():
+            (self.root / "baselines.json").write_text(json.dumps(result, indent=2, default=str))
+        else:
+            log("baselines: done, skipped")
+        return result
+
+    def report(self) -> Path:
+        from dpnotes.study.report import write_report
+
+        log("report: plots, tables, examples")
+        return write_report(self.root, self.config)
+
+    def run(self, only: str | None = None, epsilons: list[float] | None = None) -> Path | None:
+        for epsilon in epsilons or self.config.epsilons:
+            for stage in ("train", "merge", "generate", "evaluate"):
+                if only in (None, stage):
+                    getattr(self, stage)(epsilon)
+        if only in (None, "baselines"):
+            self.baselines()
+        if only in (None, "report"):
+            return self.report()
+        return None
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    from dpnotes.training.config import _merge, parse_overrides
+
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    return _build(PipelineConfig, _merge(values or {}, parse_overrides(list(overrides))), "pipeline")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "dpnotes" / "study" / "configs" / "pipeline_demo.yaml"))
+    parser.add_argument("--only", choices=STAGES, help="run one stage")
+    parser.add_argument("--epsilon", type=float, action="append", help="restrict to these ε (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
+    args = parser.parse_args(argv)
+    report = Pipeline(load_pipeline_config(args.config, args.overrides)).run(args.only, args.epsilon)
+    if report:
+        print(f"\nreport: {report}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

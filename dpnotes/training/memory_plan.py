@@ -1,0 +1,235 @@
+"""Per-GPU memory planner for DP fine-tuning of LLaMA-family models (LoRA or full), by ZeRO stage.
+
+    python -m dpnotes.training.memory_plan --model llama-70b --seq 2048 --micro-batch 1 --lora-rank 16
+    python train/dp_lora.py --dry-run --config train/configs/demo_smollm2.yaml   # plan for the run's config
+
+Estimates, per GPU, in bytes (bf16 compute, fp32 master weights and Adam states):
+  weights        2·P                   (ZeRO-3: /N; offload_param: 0)
+  grads          2·P_t                 (ZeRO-2/3: /N)
+  optimizer      12·P_t  fp32 master + Adam m, v   (ZeRO-1/2/3: /N; offload_optimizer: 0)
+  activations    (no activation checkpointing unless asked) per token per layer 2·(8h + 3·kv + 4·I) bytes (inputs of norms, q/k/v/o, rotary
+                 copies, SDPA output, SwiGLU gate/up/act/product; flash/SDPA attention, no
+                 checkpointing) + logits b·T·V·(2 + 4 + 4) (bf16 logits, fp32 copy, fp32 grad)
+  DP norm pass   backprops of every clipped layer, held at once: Σ b·T·d_out·2 (+ b·T·d_in·2 of
+                 stored inputs under book-keeping on the DDP path), plus the largest per-layer
+                 transient: ghost Gram matrices 2·b·T²·4 or the instantiated per-example gradient
+                 b·p·d·4, whichever the rule picks (the smaller)
+  ZeRO-3 gathers 2 layers of bf16 weights in flight (prefetch) + the embedding matrix
+  overhead       CUDA context + allocator slack: 2 GiB + 10 %
+
+These are planning estimates (±20 %), not guarantees; measure before a long run.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    vocab: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    tied: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of each linear in one decoder layer."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def params(self) -> int:
+        per_layer = sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * per_layer + self.hidden
+
+
+PRESETS = {
+    "smollm2-135m": ModelShape(30, 576, 49152, 1536, 9, 3, tied=True),
+    "llama-7b": ModelShape(32, 4096, 32000, 11008, 32, 32),
+    "llama-13b": ModelShape(40, 5120, 32000, 13824, 40, 40),
+    "llama-70b": ModelShape(80, 8192, 32000, 28672, 64, 8),
+    "llama3-8b": ModelShape(32, 4096, 128256, 14336, 32, 8),
+}
+
+
+@dataclass(frozen=True)
+class RunShape:
+    seq: int = 2048
+    micro_batch: int = 1
+    lora_rank: int | None = 16  # None: full fine-tuning (untied embeddings, all params)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    clipping: str = "ghost"  # under DeepSpeed the norm pass is always ghost-style (+ one engine.backward)
+    zero: int = 3  # 0 = DDP-style (replicated)
+    offload: bool = False  # ZeRO-3 offload of params and optimizer states to CPU
+    gpus: int = 8
+    weight_bytes: int = 2  # bf16
+    activation_checkpointing: bool = False  # planning only: the DP recorder does not support it yet
+
+
+def trainable_params(model: ModelShape, run: RunShape) -> int:
+    if run.lora_rank is None:
+        return model.params if not model.tied else model.params + model.vocab * model.hidden
+    shapes = model.linear_shapes()
+    return model.layers * sum(run.lora_rank * (shapes[t][0] + shapes[t][1]) for t in run.lora_targets)
+
+
+def clipped_layers(model: ModelShape, run: RunShape) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every layer that has a norm rule to run, for one decoder layer."""
+    shapes = model.linear_shapes()
+    if run.lora_rank is None:
+        return list(shapes.values())
+    r = run.lora_rank
+    return [pair for t in run.lora_targets for pair in ((shapes[t][0], r), (r, shapes[t][1]))]
+
+
+def estimate(model: ModelShape, run: RunShape) -> dict[str, float]:
+    """Bytes per GPU by component, and `total`."""
+    n = run.gpus
+    b, t, wb = run.micro_batch, run.seq, run.weight_bytes
+    p, pt = model.params, trainable_params(model, run)
+    stage = run.zero
+    weights = 0.0 if run.offload else wb * p / (n if stage == 3 else 1)
+    grads = wb * pt / (n if stage >= 2 else 1)
+    optimizer = 0.0 if run.offload else 12 * pt / (n if stage >= 1 else 1)
+    h, kv, i = model.hidden, model.kv_dim, model.intermediate
+    per_layer_act = b * t * 2 * (8 * h + 3 * kv + 4 * i)
+    if run.activation_checkpointing:  # layer inputs kept, one layer recomputed at a time
+        layer_acts = model.layers * b * t * h * wb + per_layer_act
+    else:
+        layer_acts = model.layers * per_layer_act
+    activations = layer_acts + b * t * model.vocab * (2 + 4 + 4)
+    layers = clipped_layers(model, run)
+    backprops = model.layers * sum(b * t * d_out * wb for _, d_out in layers)
+    stored_inputs = 0.0
+    if run.clipping == "bk" and stage == 0:
+        stored_inputs = model.layers * sum(b * t * d_in * wb for d_in, _ in layers)
+    transient = max(min(2 * b * t * t * 4, b * d_in * d_out * 4) for d_in, d_out in layers)
+    norm_pass = backprops + stored_inputs + transient
+    gathers = 0.0
+    if stage == 3:
+        per_layer = sum(a * c for a, c in model.linear_shapes().values())
+        gathers = wb * (2 * per_layer + model.vocab * h)
+    subtotal = weights + grads + optimizer + activations + norm_pass + gathers
+    overhead = 2 * GiB + 0.10 * subtotal
+    return {
+        "weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
+        "dp_norm_pass": norm_pass, "zero3_gathers": gathers, "overhead": overhead, "total": subtotal + overhead,
+        "trainable_params": pt, "params": p,
+    }
+
+
+TOPOLOGIES = {"1x80GB": 1, "8x80GB": 8, "2 nodes x 8x80GB": 16}
+STAGES = [(0, False), (1, False), (2, False), (3, False), (3, True)]
+
+
+def stage_name(stage: int, offload: bool) -> str:
+    return "DDP-style" if stage == 0 else f"ZeRO-{stage}" + ("+offload" if offload else "")
+
+
+def plan(model: ModelShape, run: RunShape, gpu_bytes: float = 80e9, usable: float = 0.9) -> list[dict]:
+    """For each topology, every stage with its per-GPU total and whether it fits; `choice` is the
+    cheapest fitting one (lowest stage: least communication; offload last)."""
+    rows = []
+    for topo, gpus in TOPOLOGIES.items():
+        options = []
+        for stage, offload in STAGES:
+            if gpus == 1 and stage in (1, 2, 3) and not offload:
+                continue  # nothing to shard over on one GPU
+            est = estimate(model, replace(run, zero=stage, offload=offload, gpus=gpus))
+            options.append({"stage": stage_name(stage, offload), "total": est["total"], "fits": est["total"] <= usable * gpu_bytes})
+        choice = next((o["stage"] for o in options if o["fits"]), None)
+        rows.append({"topology": topo, "gpus": gpus, "options": options, "choice": choice})
+    return rows
+
+
+def format_plan(name: str, model: ModelShape, run: RunShape) -> str:
+    pt = trainable_params(model, run)
+    what = "full fine-tuning" if run.lora_rank is None else f"LoRA r={run.lora_rank} on {','.join(run.lora_targets)}"
+    lines = [
+        f"{name}: {model.params / 1e9:.2f}B params, {what} ({pt / 1e6:.1f}M trainable), "
+        f"seq {run.seq}, micro-batch {run.micro_batch}, clipping {run.clipping}"
+    ]
+    for row in plan(model, run):
+        cells = ", ".join(f"{o['stage']} {o['total'] / GiB:.1f}G{'' if o['fits'] else ' ✗'}" for o in row["options"])
+        lines.append(f"  {row['topology']:<17} -> {row['choice'] or 'does not fit'}   [{cells}]")
+    detail = estimate(model, replace(run))
+    parts = ", ".join(f"{k} {v / GiB:.2f}G" for k, v in detail.items() if k not in ("params", "trainable_params"))
+    lines.append(f"  breakdown at {stage_name(run.zero, run.offload)} on {run.gpus} GPU(s): {parts}")
+    return "\n".join(lines)
+
+
+def shape_from_hf_config(cfg) -> ModelShape:
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = text.num_attention_heads
+    return ModelShape(
+        layers=text.num_hidden_layers, hidden=text.hidden_size, vocab=text.vocab_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        tied=bool(getattr(text, "tie_word_embeddings", False)),
+    )
+
+
+def shape_for(model: str) -> ModelShape:
+    """A preset name, or anything `transformers.AutoConfig` can read (a folder, a hub id in cache)."""
+    if model in PRESETS:
+        return PRESETS[model]
+    from transformers import AutoConfig
+
+    from dpnotes.models import resolve_model
+
+    try:
+        source = resolve_model(model)
+    except Exception:
+        source = model
+    return shape_from_hf_config(AutoConfig.from_pretrained(source))
+
+
+def dry_run(config, gpus: int = 8, zero: int = 3) -> str:
+    """The plan for a TrainConfig (train/dp_lora.py --dry-run)."""
+    trainable = config.trainable
+    run = RunShape(
+        seq=config.max_length, micro_batch=config.privacy.micro_batch_size,
+        lora_rank=None if trainable.full_finetune else trainable.lora_rank,
+        lora_targets=tuple(trainable.lora_targets), clipping=config.privacy.clipping, zero=zero, gpus=gpus,
+        weight_bytes=2 if config.dtype == "bfloat16" else 4,
+    )
+    return format_plan(config.model, shape_for(config.model), run)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-7b", help=f"preset ({', '.join(PRESETS)}) or HF folder")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--lora-rank", type=int, default=16, help="0: full fine-tuning")
+    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--clipping", default="ghost", choices=["ghost", "bk"])
+    parser.add_argument("--zero", type=int, default=3, help="stage for the breakdown line")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs for the breakdown line")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="what-if (not supported by the DP engine yet)")
+    args = parser.parse_args(argv)
+    run = RunShape(
+        seq=args.seq, micro_batch=args.micro_batch, lora_rank=args.lora_rank or None,
+        lora_targets=tuple(args.lora_targets.split(",")), clipping=args.clipping, zero=args.zero, gpus=args.gpus,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    print(format_plan(args.model, shape_for(args.model), run))
+
+
+if __name__ == "__main__":
+    main()
