@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from dpnotes.evaluation.cli import _jsonable, parse_options
 from dpnotes.evaluation.coders import TfidfCoder, evaluate_coder
-from dpnotes.evaluation.dp_classifier import DP_CODERS, dp_epsilon_sweep, parse_epsilon
+from dpnotes.evaluation.dp_sweep import DP_CODERS, dp_epsilon_sweep, parse_epsilon
 
 from dpnotes.corpus import load_corpus, read_cmc2007, read_mtsamples, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space

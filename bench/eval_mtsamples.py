@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from dpnotes.evaluation.cli import _jsonable
 from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, evaluate_coder
-from dpnotes.evaluation.dp_classifier import dp_epsilon_sweep, parse_epsilon
+from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, parse_epsilon
 
 from dpnotes.corpus import read_cmc2007, read_mtsamples, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space

@@ -1,4 +1,4 @@
-"""Notes → token ids for causal-LM training, and the patient → examples map for patient-level DP."""
+"""Notes → token ids for causal-LM training (prompt tokens masked from the loss)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpnotes.corpus import Note
 from dpnotes.prompting import PromptFormat
-from dpnotes.privacy.losses import IGNORE_INDEX
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss, no gradient
 
 
 @dataclass
@@ -20,13 +21,6 @@ class TokenizedNotes:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    def examples_of_patient(self) -> list[list[int]]:
-        """Example indices grouped by patient, patients in first-appearance order."""
-        groups: dict[str, list[int]] = {}
-        for index, patient in enumerate(self.patient_ids):
-            groups.setdefault(patient, []).append(index)
-        return list(groups.values())
 
     def collate(self, indices: list[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Right-padded batch; padding is masked in attention and labels."""

@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.evaluation.dp_classifier import DPLoRACoder, dp_epsilon_sweep, format_epsilon, parse_epsilon
+from dpnotes.evaluation.dp_classifier import DPLoRACoder
+from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, format_epsilon, parse_epsilon
 from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert
 from dpnotes.privacy.engine import NOT_PRIVATE

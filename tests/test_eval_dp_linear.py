@@ -11,7 +11,7 @@ from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.evaluation.cli import build_parser, main
 from dpnotes.evaluation.coders import EvalInputError, evaluate_coder
-from dpnotes.evaluation.dp_classifier import DP_CODERS, dp_epsilon_sweep
+from dpnotes.evaluation.dp_sweep import DP_CODERS, dp_epsilon_sweep
 from dpnotes.evaluation.dp_linear import DPLinearCoder, FrozenEncoderFeatures, HashedNgramFeatures
 from dpnotes.models import resolve_model
 from dpnotes.testing.tiny_models import tiny_bert

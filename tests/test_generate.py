@@ -20,7 +20,8 @@ from dpnotes.generation.conditioning import (
     unit_contributions,
 )
 from dpnotes.generation.merge import merge_run
-from dpnotes.generation.synthesize import CONDITIONING, MANIFEST, NOTES, conditioning_for, load_synthetic, synthesize
+from dpnotes.generation.synthesize import CONDITIONING, conditioning_for, synthesize
+from dpnotes.runs import MANIFEST, NOTES, load_synthetic
 from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.tiny_runs import tiny_training_run
 from dpnotes.privacy.accounting import compute_epsilon

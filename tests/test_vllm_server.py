@@ -15,7 +15,8 @@ from dpnotes.generation import backends
 from dpnotes.generation.backends import SamplingConfig, make_backend
 from dpnotes.generation.conditioning import CodeSetDistribution
 from dpnotes.generation.merge import merge_run
-from dpnotes.generation.synthesize import NOTES, load_synthetic, synthesize
+from dpnotes.generation.synthesize import synthesize
+from dpnotes.runs import NOTES, load_synthetic
 from dpnotes.generation.vllm_server import ServerOptions, VLLMServer, VLLMServerError, find_vllm
 from dpnotes.testing.tiny_models import tiny_llama_folder
 from dpnotes.testing.tiny_runs import tiny_training_run

@@ -1,11 +1,11 @@
 """The note corpus layer: one schema (`Note`) shared by train, generate and eval, its readers and
 writers, patient-level splits and the embedded synthetic default corpus."""
-from dpnotes.corpus.load import load_corpus
+from dpnotes.corpus.load import load_configured_corpus, load_corpus
 from dpnotes.corpus.mimic import read_mimic3, read_mimic4
 from dpnotes.corpus.public_corpora import MTSAMPLES_DOCUMENT_TYPES, read_cmc2007, read_mtsamples
 from dpnotes.corpus.readers import read_notes, write_notes
 from dpnotes.corpus.schema import CorpusError, Note, validate_notes
-from dpnotes.corpus.splits import label_counts, split_by_patient
+from dpnotes.corpus.splits import examples_by_patient, label_counts, split_by_patient
 
 # synthetic_default is imported on first use: importing it here would make
 # `python -m dpnotes.corpus.synthetic_default` load the module twice (runpy warns about that).
@@ -26,7 +26,9 @@ __all__ = [
     "Note",
     "canary_secrets",
     "generate_default_corpus",
+    "examples_by_patient",
     "label_counts",
+    "load_configured_corpus",
     "load_corpus",
     "read_cmc2007",
     "read_mimic3",

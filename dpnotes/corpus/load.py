@@ -7,7 +7,7 @@ from typing import Any
 from dpnotes.corpus.mimic import read_mimic3_dir, read_mimic4_dir
 from dpnotes.corpus.public_corpora import read_cmc2007, read_mtsamples
 from dpnotes.corpus.readers import SCHEMA_SUFFIXES, read_notes
-from dpnotes.corpus.schema import CorpusError, Note
+from dpnotes.corpus.schema import CorpusError, Note, validate_notes
 
 PREFIXED_READERS = {
     "mtsamples": read_mtsamples,
@@ -43,3 +43,16 @@ def load_corpus(spec: str | Path, **options: Any) -> list[Note]:
     if path.suffix in SCHEMA_SUFFIXES:
         return read_notes(path, **options)
     raise CorpusError(text, "unknown corpus (use a prefix such as mtsamples:, cmc2007:, mimic3:, mimic4:)")
+
+
+def load_configured_corpus(spec: str, *, default_patients: int = 400, canaries: int = 0, seed: int = 0) -> list[Note]:
+    """The corpus a run names, validated before any work. The embedded default corpus is generated
+    with `default_patients` patients, `canaries` planted identifiers and `seed`; other specs go to
+    `load_corpus`."""
+    if spec == "default":
+        notes = load_corpus("default", n_patients=default_patients, canaries=canaries, seed=seed)
+        source = "default corpus"
+    else:
+        notes, source = load_corpus(spec), spec
+    validate_notes(notes, source)
+    return notes

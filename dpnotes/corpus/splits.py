@@ -34,6 +34,15 @@ def split_by_patient(
     return splits
 
 
+def examples_by_patient(patient_ids: Sequence[str]) -> list[list[int]]:
+    """Indices of each patient's examples, patients in first-appearance order: the privacy units of
+    patient-level DP (every consumer groups the same way, so the units are the same everywhere)."""
+    groups: dict[str, list[int]] = {}
+    for index, patient in enumerate(patient_ids):
+        groups.setdefault(patient, []).append(index)
+    return list(groups.values())
+
+
 def label_counts(notes: Sequence[Note]) -> Counter[str]:
     """Number of notes carrying each code."""
     return Counter(code for note in notes for code in set(note.codes))

@@ -204,7 +204,7 @@ def _dp_coder_options(args) -> dict:
 
 
 def cmd_dp_classifier(args) -> dict:
-    from dpnotes.evaluation.dp_classifier import dp_epsilon_sweep, parse_epsilon
+    from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, parse_epsilon
 
     from dpnotes.corpus.code_lists import public_label_space
 

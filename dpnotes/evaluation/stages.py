@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import torch
 
@@ -12,27 +11,27 @@ from dpnotes.corpus import Note, canary_secrets
 from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets, evaluate_coder
 from dpnotes.evaluation.fidelity import fidelity_report
 from dpnotes.evaluation.leakage import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
-from dpnotes.generation.synthesize import load_synthetic
 from dpnotes.prompting import prompt_format_from
+from dpnotes.runs import PRIVACY_REPORT, RunDir, load_synthetic
 
 
 def _sample(notes: list[Note], count: int, seed: int = 0) -> list[Note]:
     return random.Random(seed).sample(notes, min(count, len(notes)))
 
 
-def evaluate_generator(run_dir: Path, splits: dict[str, list[Note]], config) -> dict:
+def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> dict:
     """Coders trained on the synthetic notes (tested on real), exposure of planted canaries, loss
-    MIA, verbatim leakage and fidelity for the generator in run_dir/merged."""
+    MIA, verbatim leakage and fidelity for the generator in the run's merged/."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train, dev, test = splits["train"], splits["dev"], splits["test"]
-    synthetic = load_synthetic(run_dir / "synthetic")
+    synthetic = load_synthetic(run.synthetic)
     coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap)
 
-    merged = run_dir / "merged"
+    merged = run.merged
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    prompt = prompt_format_from(json.loads((merged / "privacy_report.json").read_text()), str(merged))
+    prompt = prompt_format_from(json.loads((merged / PRIVACY_REPORT).read_text()), str(merged))
 
     def prompt_of(codes):
         return prompt.render(codes, tokenizer)
@@ -67,7 +66,7 @@ def real_coder_baseline(splits: dict[str, list[Note]], bootstrap: int) -> dict:
 def dp_coder_baseline(splits: dict[str, list[Note]], labels: list[str], coder: str, epsilon: float, bootstrap: int,
                       options: dict) -> dict:
     """One DP coder of kind `coder` trained on the real notes at ε over the public `labels`."""
-    from dpnotes.evaluation.dp_classifier import dp_epsilon_sweep, format_epsilon
+    from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, format_epsilon
 
     sweep = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], labels, epsilons=[epsilon],
                              n_bootstrap=bootstrap, coder=coder, log=print, **options)

@@ -39,7 +39,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from dpnotes.corpus import Note
+from dpnotes.corpus import Note, examples_by_patient
 from dpnotes.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 
 CODE_SEPARATOR = "; "
@@ -123,10 +123,7 @@ def unit_contributions(notes: list[Note], privacy_unit: str) -> list[list[str]]:
     removes exactly one entry and leaves every other entry unchanged."""
     if check_privacy_unit(privacy_unit) == "sequence":
         return [list(note.codes) for note in notes]
-    first: dict[str, list[str]] = {}
-    for note in notes:
-        first.setdefault(note.patient_id, list(note.codes))
-    return list(first.values())
+    return [list(notes[examples[0]].codes) for examples in examples_by_patient([note.patient_id for note in notes])]
 
 
 def dp_code_set_histogram(

@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 
 from dpnotes.models import load_causal_lm
+from dpnotes.runs import PRIVACY_REPORT, RunDir
 
 CARD = """---
 library_name: transformers
@@ -47,13 +48,14 @@ the synthetic notes' manifest.json. A public prior costs nothing.
 
 def merge_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Merge run_dir/adapter into the base model named in run_dir/privacy_report.json."""
-    report = json.loads((run_dir / "privacy_report.json").read_text())
+    run = RunDir(run_dir)
+    report = json.loads(run.privacy_report.read_text())
     base, tokenizer = load_causal_lm(report["model"], dtype=dtype)
-    merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+    merged = PeftModel.from_pretrained(base, run.adapter).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "privacy_report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / PRIVACY_REPORT).write_text(json.dumps(report, indent=2))
     (out_dir / "README.md").write_text(CARD.format(name=out_dir.name, **report))
     return out_dir
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True, type=Path, help="training output_dir (adapter/ + privacy_report.json)")
     parser.add_argument("--out", type=Path, help="default: RUN/merged")
     args = parser.parse_args(argv)
-    print(merge_run(args.run, args.out or args.run / "merged"))
+    print(merge_run(args.run, args.out or RunDir(args.run).merged))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from dpnotes.corpus import Note, validate_notes
+from dpnotes.corpus import Note
 from dpnotes.generation.backends import SamplingConfig, chunk_size, make_backend, resolve_backend
 from dpnotes.generation.conditioning import (
     PRIVACY_UNITS,
@@ -36,11 +36,9 @@ from dpnotes.generation.conditioning import (
     prior_distribution,
 )
 from dpnotes.prompting import PromptFormat, prompt_format_from
+from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir
 
-NOTES = "notes.jsonl"
 CONDITIONING = "conditioning.json"
-MANIFEST = "manifest.json"
-PRIVACY_REPORT = "privacy_report.json"
 DP_RELEASES = {"dp-histogram": dp_code_set_histogram, "dp-marginals": dp_code_marginals}
 
 
@@ -194,17 +192,7 @@ def synthesize(
     return manifest
 
 
-def load_synthetic(out_dir: Path) -> list[Note]:
-    records = [json.loads(line) for line in (out_dir / NOTES).read_text().splitlines() if line.strip()]
-    notes = [Note(**record) for record in records]
-    validate_notes(notes, str(out_dir / NOTES))
-    return notes
-
-
 def main(argv: list[str] | None = None) -> None:
-    from dpnotes.training.recipe import load_training_notes
-    from dpnotes.training.config import config_of_run
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="merged model folder (generate.merge)")
     parser.add_argument("--out", required=True, type=Path)
@@ -232,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         if unit not in PRIVACY_UNITS:
             parser.error(f"--conditioning {args.conditioning} is released at the training privacy unit, but "
                          f"{args.model}/{PRIVACY_REPORT} (or the run's) records none")
-        train_notes = load_training_notes(config_of_run(args.run))
+        train_notes = RunDir(args.run).training_notes()
     distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
                                     args.conditioning_delta, args.prior, None, privacy_unit=unit)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, batch_size=args.batch_size)

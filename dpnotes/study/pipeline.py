@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -25,8 +26,17 @@ from pathlib import Path
 
 import yaml
 
-from dpnotes.corpus import Note, split_by_patient
-from dpnotes.training.config import TrainConfig, _build, load_config
+from dpnotes.corpus import Note, load_configured_corpus, split_by_patient
+from dpnotes.corpus.code_lists import public_label_space
+from dpnotes.evaluation.dp_sweep import format_epsilon
+from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
+from dpnotes.generation.backends import SamplingConfig, resolve_backend
+from dpnotes.generation.merge import merge_run
+from dpnotes.generation.synthesize import conditioning_for, read_done, synthesize
+from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag
+from dpnotes.study.report import write_report
+from dpnotes.training.config import TrainConfig, _build, _merge, load_config, parse_overrides
+from dpnotes.training.recipe import train
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipe scripts and their configs
 STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
@@ -57,17 +67,13 @@ class PipelineConfig:
     mia_notes: int = 100  # members and as many non-members
     canary_candidates: int = 500
     bootstrap: int = 200
-    # DP coders trained on the real notes: kinds of eval.dp_classifier.dp_epsilon_sweep ("hashed",
+    # DP coders trained on the real notes: kinds of evaluation.dp_sweep.DP_CODERS ("hashed",
     # "probe", "lora"), each at dp_coder_epsilons (None: the generator's epsilons).
     dp_coders: list[str] = field(default_factory=lambda: ["hashed"])
     dp_coder_epsilons: list[float] | None = None
     dp_coder_options: dict = field(default_factory=dict)  # coder kind -> keyword options of its coder
     dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     report_to: str = "wandb"
-
-
-def epsilon_tag(epsilon: float) -> str:
-    return "eps_inf" if math.isinf(epsilon) else f"eps_{epsilon:g}"
 
 
 def digest(*parts) -> str:
@@ -77,13 +83,11 @@ def digest(*parts) -> str:
 def source_digest(*modules: str) -> str:
     """Digest of the named modules' source files: a cached result is recomputed when the code that
     computed it changes (its defaults included), not only when its options do."""
-    import importlib.util
-
     return digest(*(hashlib.sha256(Path(importlib.util.find_spec(m).origin).read_bytes()).hexdigest() for m in modules))
 
 
 CODER_MODULES = ("dpnotes.evaluation.coders", "dpnotes.evaluation.metrics")
-DP_CODER_MODULES = CODER_MODULES + ("dpnotes.evaluation.dp_classifier", "dpnotes.evaluation.dp_linear", "dpnotes.privacy.engine",
+DP_CODER_MODULES = CODER_MODULES + ("dpnotes.evaluation.dp_sweep", "dpnotes.evaluation.dp_classifier", "dpnotes.evaluation.dp_linear", "dpnotes.privacy.engine",
                                     "dpnotes.privacy.accounting")
 
 
@@ -108,26 +112,24 @@ class Pipeline:
     # ---- per-ε configuration -------------------------------------------------------------------
     def train_config(self, epsilon: float) -> TrainConfig:
         overrides = [*self.config.train_overrides, f"privacy.target_epsilon={epsilon}",
-                     f"output_dir={self.run_dir(epsilon)}", f"report_to={self.config.report_to}"]
+                     f"output_dir={self.run_dir(epsilon).root}", f"report_to={self.config.report_to}"]
         return load_config(ROOT / self.config.train_config if not Path(self.config.train_config).exists()
                            else self.config.train_config, overrides)
 
-    def run_dir(self, epsilon: float) -> Path:
-        return self.root / epsilon_tag(epsilon)
+    def run_dir(self, epsilon: float) -> RunDir:
+        return RunDir(self.root / epsilon_tag(epsilon))
 
     @functools.cached_property
     def splits(self) -> dict[str, list[Note]]:
         """The corpus split once per run (every ε shares it; a large corpus is read once)."""
-        from dpnotes.training.recipe import load_corpus_notes
-
         config = self.train_config(self.config.epsilons[0])
-        return split_by_patient(load_corpus_notes(config), seed=config.split_seed)
+        notes = load_configured_corpus(config.corpus, default_patients=config.corpus_patients,
+                                       canaries=config.canaries, seed=config.split_seed)
+        return split_by_patient(notes, seed=config.split_seed)
 
     @functools.cached_property
     def labels(self) -> list[str]:
         """The public label space of the corpus (never the codes found in its notes)."""
-        from dpnotes.corpus.code_lists import public_label_space
-
         return public_label_space(self.config.dp_coder_labels, self.train_config(self.config.epsilons[0]).corpus)
 
     @property
@@ -137,39 +139,34 @@ class Pipeline:
     # ---- stages ----------------------------------------------------------------------------------
     def train(self, epsilon: float) -> dict:
         config = self.train_config(epsilon)
-        report = read_json(self.run_dir(epsilon) / "privacy_report.json")
+        report = read_json(self.run_dir(epsilon).privacy_report)
         if report and report.get("config_hash") == config.fingerprint():
             log(f"train {epsilon_tag(epsilon)}: done (ε = {report['epsilon']:.4g}), skipped")
             return report
         log(f"train {epsilon_tag(epsilon)}: DP fine-tuning to target ε = {epsilon}")
         if self.config.launcher:
-            config_file = self.run_dir(epsilon) / "train_config.yaml"
+            config_file = self.run_dir(epsilon).root / "train_config.yaml"
             config_file.parent.mkdir(parents=True, exist_ok=True)
             config_file.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(config), default=str))))
             subprocess.run(["accelerate", "launch", "--config_file", self.config.launcher,
                             str(ROOT / "train" / "dp_lora.py"), "--config", str(config_file)], check=True)
-            return read_json(self.run_dir(epsilon) / "privacy_report.json")
-        from dpnotes.training.recipe import train
-
+            return read_json(self.run_dir(epsilon).privacy_report)
         return train(config)
 
     def merge(self, epsilon: float) -> Path:
-        from dpnotes.generation.merge import merge_run
-
-        run, merged = self.run_dir(epsilon), self.run_dir(epsilon) / "merged"
-        if read_json(merged / "privacy_report.json") == read_json(run / "privacy_report.json"):
+        run = self.run_dir(epsilon)
+        merged = run.merged
+        if read_json(merged / PRIVACY_REPORT) == read_json(run.privacy_report):
             log(f"merge {epsilon_tag(epsilon)}: done, skipped")
             return merged
         log(f"merge {epsilon_tag(epsilon)}: LoRA → {merged}")
-        return merge_run(run, merged)
+        return merge_run(run.root, merged)
 
     def generation_inputs(self, epsilon: float) -> dict:
         """What the synthetic notes of ε depend on: the trained weights, the conditioning release,
         sampling and the backend (each writes other notes). A change regenerates them."""
-        from dpnotes.generation.backends import resolve_backend
-
         c = self.config
-        trained = read_json(self.run_dir(epsilon) / "privacy_report.json") or {}
+        trained = read_json(self.run_dir(epsilon).privacy_report) or {}
         backend = resolve_backend(c.generation_backend)
         prior = Path(c.prior_path) if c.prior_path else None
         return {"training": trained.get("config_hash"), "count": self.synthetic_count,
@@ -180,11 +177,9 @@ class Pipeline:
                 "batch_size": c.generation_batch_size if backend == "transformers" else None}
 
     def generate(self, epsilon: float) -> dict:
-        from dpnotes.generation.backends import SamplingConfig
-        from dpnotes.generation.synthesize import MANIFEST, NOTES, conditioning_for, read_done, synthesize
 
         c = self.config
-        out = self.run_dir(epsilon) / "synthetic"
+        out = self.run_dir(epsilon).synthetic
         inputs = self.generation_inputs(epsilon)
         key = digest(inputs)
         recorded = read_json(out / GENERATION_INPUTS)
@@ -200,7 +195,7 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         (out / GENERATION_INPUTS).write_text(json.dumps({"key": key, "inputs": inputs}, indent=2))
         train_notes = self.splits["train"] if c.conditioning != "prior" else None
-        unit = (read_json(self.run_dir(epsilon) / "privacy_report.json") or {}).get("privacy_unit")
+        unit = (read_json(self.run_dir(epsilon).privacy_report) or {}).get("privacy_unit")
         # The conditioning is released at the training unit.
         distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
                                         Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
@@ -209,33 +204,29 @@ class Pipeline:
         options = dict(c.generation_options)
         if inputs["backend"] == "vllm-server" and "url" not in options:
             options.setdefault("server_log", str(out / "vllm_server.log"))  # kept beside the notes it wrote
-        return synthesize(self.run_dir(epsilon) / "merged", out, inputs["count"], distribution, inputs["backend"],
+        return synthesize(self.run_dir(epsilon).merged, out, inputs["count"], distribution, inputs["backend"],
                           sampling, seed=0, backend_options=options)
 
     def evaluate(self, epsilon: float) -> dict:
-        from dpnotes.evaluation.stages import evaluate_generator
-
         run = self.run_dir(epsilon)
         c, train = self.config, self.train_config(epsilon)
         # The notes (through their generation key), the data split, the evaluation's own settings and code.
-        key = digest(read_json(run / "synthetic" / GENERATION_INPUTS)["key"],
+        key = digest(read_json(run.synthetic / GENERATION_INPUTS)["key"],
                      (train.corpus, train.corpus_patients, train.canaries, train.split_seed),
                      c.mia_notes, c.canary_candidates, c.bootstrap, source_digest(*EVALUATION_MODULES))
-        done = read_json(run / "eval.json")
+        done = read_json(run.evaluation)
         if done and done.get("inputs_hash") == key:
             log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")
             return done
         log(f"evaluate {epsilon_tag(epsilon)}: coders on synthetic vs real, exposure, MIA, leakage, fidelity")
         result = evaluate_generator(run, self.splits, self.config)
         result["inputs_hash"] = key
-        (run / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+        run.evaluation.write_text(json.dumps(result, indent=2, default=str))
         return result
 
     def baselines(self) -> dict:
         """The coder on real notes, and each DP coder at each ε: one file per result, so an interrupted
         run resumes at the next missing one."""
-        from dpnotes.evaluation.dp_classifier import format_epsilon
-        from dpnotes.evaluation.stages import dp_coder_baseline, real_coder_baseline
 
         c, train = self.config, self.train_config(self.config.epsilons[0])
         data_key = (train.corpus, train.corpus_patients, train.canaries, train.split_seed, c.bootstrap)
@@ -275,8 +266,6 @@ class Pipeline:
         return result
 
     def report(self) -> Path:
-        from dpnotes.study.report import write_report
-
         log("report: plots, tables, examples")
         return write_report(self.root, self.config)
 
@@ -293,8 +282,6 @@ class Pipeline:
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
-    from dpnotes.training.config import _merge, parse_overrides
-
     values = yaml.safe_load(Path(path).read_text()) if path else {}
     return _build(PipelineConfig, _merge(values or {}, parse_overrides(list(overrides))), "pipeline")
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from dpnotes.study.pipeline import epsilon_tag
+from dpnotes.runs import MANIFEST, NOTES, RunDir, epsilon_tag
 from dpnotes.privacy.accounting import compute_epsilon
 
 INF_GAP = 10  # ε = ∞ is drawn this factor right of the largest finite ε (one decade on the log axis)
@@ -110,10 +110,10 @@ def _caveats(training: dict, notes_exist: bool, evaluation: dict | None) -> list
     return caveats
 
 
-def run_row(epsilon: float, run: Path, evaluation: dict | None, real: Point | None) -> dict:
+def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | None) -> dict:
     """Every number the report shows for one generator ε; None where a stage has not run."""
-    training = _read(run / "privacy_report.json") or {}
-    manifest = _read(run / "synthetic" / "manifest.json") or {}
+    training = _read(run.privacy_report) or {}
+    manifest = _read(run.synthetic / MANIFEST) or {}
     coders, privacy = (evaluation or {}).get("coders", {}), (evaluation or {}).get("privacy", {})
     synthetic = coder_point(coders.get("synthetic"))
     exposure = privacy.get("exposure", {})
@@ -144,22 +144,22 @@ def run_row(epsilon: float, run: Path, evaluation: dict | None, real: Point | No
         "max_verbatim_words": privacy.get("verbatim", {}).get("lcs_words", {}).get("max"),
         "tokens_per_second": manifest.get("tokens_per_second"),
         "generation_backend": manifest.get("backend"),
-        "run_dir": str(run),
-        "caveats": _caveats(training, (run / "synthetic" / "notes.jsonl").exists(), evaluation),
+        "run_dir": str(run.root),
+        "caveats": _caveats(training, (run.synthetic / NOTES).exists(), evaluation),
     }
 
 
 def collect(root: Path, epsilons: list[float]) -> dict:
     """One row per generator ε, the baselines, and a note for each study-wide piece that is missing."""
     baselines = _read(root / "baselines.json") or {}
-    evaluations = {epsilon: _read(root / epsilon_tag(epsilon) / "eval.json") for epsilon in epsilons}
+    evaluations = {epsilon: _read(RunDir(root / epsilon_tag(epsilon)).evaluation) for epsilon in epsilons}
     real = coder_point(real_coder(baselines, [e for e in evaluations.values() if e]))
     missing = []
     if real is None:
         missing.append("No coder trained on real notes yet (baselines not run, nothing evaluated): no reference line or ratio.")
     if not dp_coder_sweeps(baselines):
         missing.append("No DP coder baseline (dp_coder: false, or baselines not run yet).")
-    return {"runs": [run_row(epsilon, root / epsilon_tag(epsilon), evaluations[epsilon], real) for epsilon in epsilons],
+    return {"runs": [run_row(epsilon, RunDir(root / epsilon_tag(epsilon)), evaluations[epsilon], real) for epsilon in epsilons],
             "real_coder": {"micro_f1": real[0], "ci": real[1]} if real else None,
             "baselines": baselines, "missing": missing}
 
@@ -184,7 +184,7 @@ def example_note(notes_path: Path) -> dict | None:
 def examples(root: Path, epsilons: list[float]) -> dict[str, dict]:
     shown = {}
     for epsilon in epsilons:
-        note = example_note(root / epsilon_tag(epsilon) / "synthetic" / "notes.jsonl")
+        note = example_note(RunDir(root / epsilon_tag(epsilon)).synthetic / NOTES)
         if note:
             shown[epsilon_label(epsilon)] = note
     return shown

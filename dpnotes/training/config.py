@@ -109,9 +109,3 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 def config_dict(config: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
-
-def config_of_run(output_dir: str | Path) -> TrainConfig:
-    """The configuration a training output_dir was made with (its config.json)."""
-    recorded = json.loads((Path(output_dir) / "config.json").read_text())
-    recorded.pop("config_hash", None)
-    return _build(TrainConfig, recorded)

@@ -17,17 +17,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 
-from dpnotes.corpus import Note, generate_default_corpus, load_corpus, split_by_patient, validate_notes
+from dpnotes.corpus import Note, examples_by_patient, load_configured_corpus, split_by_patient
 from dpnotes.models import load_causal_lm
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
 from dpnotes.privacy.losses import causal_lm_losses
 from dpnotes.privacy.deepspeed import DeepSpeedDPStep, is_deepspeed, prepare_deepspeed, save_trained
+from dpnotes.runs import RunDir
 from dpnotes.training.model_setup import count_trainable, prepare_trainable
 from dpnotes.training.config import TrainConfig, config_dict
 from dpnotes.tokenized_notes import tokenize_notes
-
-CHECKPOINTS = "checkpoints"
-
 
 class TrainableWeights:
     """Checkpoint only what training changes (LoRA adapters, or everything under full FT)."""
@@ -45,21 +43,11 @@ class TrainableWeights:
                 params[name].copy_(value)
 
 
-def load_corpus_notes(config: TrainConfig) -> list[Note]:
-    """The configured corpus, validated before any work (all splits)."""
-    if config.corpus == "default":
-        notes = generate_default_corpus(n_patients=config.corpus_patients, canaries=config.canaries, seed=config.split_seed)
-        source = "default corpus"
-    else:
-        notes = load_corpus(config.corpus)
-        source = config.corpus
-    validate_notes(notes, source)
-    return notes
-
-
 def load_training_notes(config: TrainConfig) -> list[Note]:
-    """The train split (by patient) of the configured corpus."""
-    return split_by_patient(load_corpus_notes(config), seed=config.split_seed)["train"]
+    """The train split (by patient) of the configured corpus, validated before any work."""
+    notes = load_configured_corpus(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
+                                   seed=config.split_seed)
+    return split_by_patient(notes, seed=config.split_seed)["train"]
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -101,7 +89,7 @@ def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
     These checks stop mistakes (a copied folder, a hand-edited pointer), not an attacker who can
     write to the run directory.
     """
-    folder = output_dir / CHECKPOINTS
+    folder = RunDir(output_dir).checkpoints
     pointer = folder / "latest"
     if not pointer.exists():
         return None
@@ -122,7 +110,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, confi
     """Write the step's state, owner-only (it holds the secret sampling and noise keys), then move
     the `latest` pointer."""
     name = f"step_{step:06d}"
-    folder = output_dir / CHECKPOINTS
+    folder = RunDir(output_dir).checkpoints
     previous = os.umask(0o077)  # everything written below is owner-only
     try:
         if accelerator.is_main_process:
@@ -150,7 +138,7 @@ def restrict_to_owner(root: Path) -> None:
 
 def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None:
     """Bind output_dir to this config: resuming someone else's checkpoints would mix two runs."""
-    stamp = output_dir / "config.json"
+    stamp = RunDir(output_dir).config
     if stamp.exists():
         recorded = json.loads(stamp.read_text()).get("config_hash")
         if recorded != config.fingerprint():
@@ -188,7 +176,7 @@ def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) 
 def train(config: TrainConfig) -> dict:
     """Train (or resume) and return the privacy report; writes adapter/model and report to output_dir."""
     notes = load_training_notes(config)
-    units = len({n.patient_id for n in notes}) if config.privacy.privacy_unit == "patient" else len(notes)
+    units = len(examples_by_patient([n.patient_id for n in notes])) if config.privacy.privacy_unit == "patient" else len(notes)
     config.privacy.validated_delta(units)  # bad privacy settings fail before any model is loaded
     accelerator = make_accelerator(config)
     output_dir = Path(config.output_dir)
@@ -200,7 +188,7 @@ def train(config: TrainConfig) -> dict:
     model.train()
     data = tokenize_notes(notes, tokenizer, config.max_length, config.prompt_format())
     patient_unit = config.privacy.privacy_unit == "patient"
-    examples_of_unit = data.examples_of_patient() if patient_unit else None
+    examples_of_unit = examples_by_patient(data.patient_ids) if patient_unit else None
     engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)
     optimizer = make_optimizer(model, config)
     deepspeed = is_deepspeed(accelerator)
@@ -269,19 +257,20 @@ def train(config: TrainConfig) -> dict:
         )
 
     report = privacy_report(engine, config, accelerator.num_processes)
-    trained = output_dir / ("model" if config.trainable.full_finetune else "adapter")
+    run = RunDir(output_dir)
+    trained = run.model if config.trainable.full_finetune else run.adapter
     if deepspeed:  # collective (ZeRO-3 gathers the weights)
         save_trained(accelerator, ds_model, model, trained, tokenizer, config.trainable.full_finetune)
         if config.save_full_model and not config.trainable.full_finetune:
-            save_trained(accelerator, ds_model, model, output_dir / "full_model", tokenizer, full_model=True)
+            save_trained(accelerator, ds_model, model, run.full_model, tokenizer, full_model=True)
     else:
         if accelerator.is_main_process:
             model.save_pretrained(trained)
             tokenizer.save_pretrained(trained)
         if config.save_full_model and not config.trainable.full_finetune:
-            accelerator.save_model(model, output_dir / "full_model")  # writes on the main process
+            accelerator.save_model(model, run.full_model)  # writes on the main process
     if accelerator.is_main_process:
-        (output_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, default=str))
+        run.privacy_report.write_text(json.dumps(report, indent=2, default=str))
     accelerator.end_training()
     if not math.isinf(report["epsilon"]):
         accelerator.print(f"done: ε = {report['epsilon']:.4g} at δ = {report['delta']:.3g} after {report['steps']} steps")
