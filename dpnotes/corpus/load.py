@@ -7,7 +7,7 @@ from typing import Any
 from dpnotes.corpus.mimic import read_mimic3_dir, read_mimic4_dir
 from dpnotes.corpus.public_corpora import read_cmc2007, read_mtsamples
 from dpnotes.corpus.readers import SCHEMA_SUFFIXES, read_notes
-from dpnotes.corpus.schema import CorpusError, Note, validate_notes
+from dpnotes.corpus.schema import CorpusError, Note, unreadable_as_corpus_error, validate_notes
 
 PREFIXED_READERS = {
     "mtsamples": read_mtsamples,
@@ -32,14 +32,17 @@ def load_corpus(spec: str | Path, **options: Any) -> list[Note]:
         return generate_default_corpus(**options)
     prefix, has_prefix, rest = text.partition(":")
     if has_prefix and prefix in PREFIXED_READERS:
-        return PREFIXED_READERS[prefix](rest, **options)
+        with unreadable_as_corpus_error(rest):
+            return PREFIXED_READERS[prefix](rest, **options)
     path = Path(text)
     if not path.exists():
         raise CorpusError(text, "file not found")
     if path.name.lower() == "mtsamples.csv":
-        return read_mtsamples(path, **options)
+        with unreadable_as_corpus_error(path):
+            return read_mtsamples(path, **options)
     if path.suffix.lower() == ".xml":
-        return read_cmc2007(path, **options)
+        with unreadable_as_corpus_error(path):
+            return read_cmc2007(path, **options)
     if path.suffix in SCHEMA_SUFFIXES:
         return read_notes(path, **options)
     raise CorpusError(text, "unknown corpus (use a prefix such as mtsamples:, cmc2007:, mimic3:, mimic4:)")

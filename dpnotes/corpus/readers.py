@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from dpnotes.corpus.schema import CorpusError, Note, check_codes, require_file, validate_notes
+from dpnotes.corpus.schema import CorpusError, Note, check_codes, require_file, unreadable_as_corpus_error, validate_notes
 
 REQUIRED_FIELDS = ("id", "patient_id", "text", "codes")
 SCHEMA_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -71,8 +71,13 @@ def _note_from_record(record: dict[str, Any], source: str, row: int, codes_as_te
 
 def _read_jsonl_records(path: Path) -> list[dict[str, Any]]:
     records = []
-    lines = (line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    for row, line in enumerate(lines, start=1):
+    for row, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorpusError(str(path), "not UTF-8 text", row) from None
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
@@ -101,7 +106,8 @@ def read_notes(path: str | Path, known_codes: Sequence[str] | None = None) -> li
     path = require_file(path)
     if path.suffix not in SCHEMA_SUFFIXES:
         raise CorpusError(str(path), f"unsupported file type (expected one of {', '.join(SCHEMA_SUFFIXES)})")
-    records = _read_jsonl_records(path) if path.suffix == ".jsonl" else _read_table_records(path)
+    with unreadable_as_corpus_error(path):
+        records = _read_jsonl_records(path) if path.suffix == ".jsonl" else _read_table_records(path)
     codes_as_text = path.suffix == ".csv"
     notes = [
         _note_from_record(record, str(path), row, codes_as_text) for row, record in enumerate(records, start=1)

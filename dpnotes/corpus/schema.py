@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dpnotes.errors import UserError
 
 
 @dataclass
@@ -18,7 +21,7 @@ class Note:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus that cannot be used. The message names the file, the row or record and the problem,
     never the note text (it may hold PHI)."""
 
@@ -26,6 +29,29 @@ class CorpusError(ValueError):
         where = f"{source} row {row}" if row is not None else str(source)
         super().__init__(f"{where}: {problem}")
         self.source, self.row, self.problem = str(source), row, problem
+
+
+@contextmanager
+def unreadable_as_corpus_error(source: str | Path):
+    """Turn a file that cannot be decoded or parsed (a binary file, a broken CSV, Parquet or XML)
+    into a CorpusError naming the file, never its content."""
+    import xml.etree.ElementTree as ET
+
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise CorpusError(str(source), f"not UTF-8 text (undecodable byte at offset {error.start})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise CorpusError(str(source), f"not a readable CSV file ({type(error).__name__})") from None
+    except (pa.ArrowException, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise CorpusError(str(source), f"not a readable file ({type(error).__name__})") from None
+    except ET.ParseError as error:
+        raise CorpusError(str(source), f"not well-formed XML (line {error.position[0]})") from None
 
 
 def require_file(path: str | Path) -> Path:

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpnotes.corpus.schema import CorpusError, Note
+from dpnotes.errors import UserError
 
 EXIT_BAD_INPUT = 2
 
 
-class CLIError(ValueError):
+class CLIError(UserError):
     pass
 
 

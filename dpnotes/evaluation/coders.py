@@ -25,9 +25,10 @@ from torch import nn
 
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.metrics import binarize, evaluate_scores, f1_scores, tune_threshold
+from dpnotes.errors import UserError
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """Input the evaluation cannot use (empty sets, no labels in common, ...)."""
 
 

@@ -27,6 +27,8 @@ import dp_accounting
 from dp_accounting import pld
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from dpnotes.errors import UserError
+
 Segment = tuple[float, float, int]  # (noise_multiplier, sample_rate, num_steps)
 
 _ACCOUNTANTS: dict[str, type[PrivacyAccountant]] = {}
@@ -249,22 +251,26 @@ def max_steps_for_budget(
     return low
 
 
+class PrivacyParameterError(UserError):
+    """A privacy setting that is invalid or meaningless (ε ≤ 0, δ ≥ 1/N, ...)."""
+
+
 def check_privacy_params(epsilon: float, delta: float, dataset_size: int) -> None:
     """Reject privacy targets that are invalid or meaningless for ``dataset_size`` privacy units.
 
     ``epsilon = inf`` means non-private training; δ is then irrelevant and not checked.
     """
     if math.isnan(epsilon) or epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0 (or inf for non-private training), got {epsilon}")
+        raise PrivacyParameterError(f"epsilon must be > 0 (or inf for non-private training), got {epsilon}")
     if dataset_size < 1:
-        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+        raise PrivacyParameterError(f"dataset_size must be >= 1, got {dataset_size}")
     if epsilon == math.inf:
         return
     if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}")
     if delta >= 1 / dataset_size:
         # With δ >= 1/N a mechanism that publishes one random record in full is (0, δ)-DP.
-        raise ValueError(
+        raise PrivacyParameterError(
             f"delta={delta:g} is not < 1/N = {1 / dataset_size:g} (N = {dataset_size} privacy units): "
             f"such a delta allows leaking whole records. Use delta well below 1/N, e.g. "
             f"1/(10N) = {1 / (10 * dataset_size):.3g}"
