@@ -17,6 +17,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from dpnotes.errors import UserError
+
 
 @dataclass
 class SamplingConfig:
@@ -80,7 +82,7 @@ def resolve_backend(name: str) -> str:
 
 def make_backend(name: str, model_dir: str, **options) -> GenerationBackend:
     if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
+        raise UserError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name](model_dir, **options)
 
 
