@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from dpnotes.corpus.schema import CorpusError
+from dpnotes.corpus.default_code_bank import CODE_BANK
 
 # Lists shipped with the package, by name (files under dpnotes/corpus/data/).
 CODE_LISTS = {
@@ -42,8 +43,6 @@ def resolve_code_list(codes: str | Path | Sequence[str] | None) -> frozenset[str
     if codes is None or (isinstance(codes, str) and codes == ALL_CODES):
         return None
     if isinstance(codes, str) and codes == DEFAULT_CORPUS:
-        from dpnotes.corpus.default_code_bank import CODE_BANK
-
         return frozenset(profile.code for profile in CODE_BANK)
     if isinstance(codes, str) and codes in CODE_LISTS:
         resource = resources.files("dpnotes.corpus").joinpath("data", CODE_LISTS[codes])

@@ -26,6 +26,7 @@ from torch import nn
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.metrics import binarize, evaluate_scores, f1_scores, tune_threshold
 from dpnotes.errors import UserError
+from dpnotes.models import load_encoder
 
 
 class EvalInputError(UserError):
@@ -187,8 +188,6 @@ class EncoderCoder(Coder):
     def _load(self):
         if callable(self.encoder_spec):
             return self.encoder_spec()
-        from dpnotes.models import load_encoder
-
         return load_encoder(self.encoder_spec)
 
     def _encode(self, notes: Sequence[Note]) -> dict[str, torch.Tensor]:

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dpnotes.evaluation.coders import EvalInputError, _require_notes, mean_pool
-from dpnotes.evaluation.dp_classifier import DPCoder
 from torch import nn
 
 from dpnotes.corpus.schema import Note
+from dpnotes.evaluation.coders import EvalInputError, _require_notes, mean_pool
+from dpnotes.evaluation.dp_classifier import DPCoder
+from dpnotes.models import load_encoder
 
 EncoderFactory = Callable[[], tuple[nn.Module, object]]  # () -> (encoder, tokenizer), as EncoderCoder takes
 
@@ -111,8 +112,6 @@ class FrozenEncoderFeatures:
             if callable(self.model_spec):
                 self._encoder = self.model_spec()
             else:
-                from dpnotes.models import load_encoder
-
                 self._encoder = load_encoder(self.model_spec)
             self._encoder[0].eval()
         return self._encoder

@@ -19,6 +19,7 @@ import torch
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.coders import mean_pool
 from dpnotes.evaluation.leakage import words
+from dpnotes.models import load_encoder
 
 
 @torch.no_grad()
@@ -28,8 +29,6 @@ def embed_texts(texts: Sequence[str], encoder=None, tokenizer=None, model_name: 
     if not texts:
         raise ValueError("no texts to embed")
     if encoder is None or tokenizer is None:
-        from dpnotes.models import load_encoder
-
         encoder, tokenizer = load_encoder(model_name)
     encoder.eval()
     out = []

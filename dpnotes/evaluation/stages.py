@@ -6,6 +6,7 @@ import json
 import random
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpnotes.corpus import Note, canary_secrets
 from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets, evaluate_coder
@@ -13,6 +14,7 @@ from dpnotes.evaluation.fidelity import fidelity_report
 from dpnotes.evaluation.leakage import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
 from dpnotes.prompting import prompt_format_from
 from dpnotes.runs import PRIVACY_REPORT, RunDir, load_synthetic
+from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, format_epsilon
 
 
 def _sample(notes: list[Note], count: int, seed: int = 0) -> list[Note]:
@@ -22,8 +24,6 @@ def _sample(notes: list[Note], count: int, seed: int = 0) -> list[Note]:
 def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> dict:
     """Coders trained on the synthetic notes (tested on real), exposure of planted canaries, loss
     MIA, verbatim leakage and fidelity for the generator in the run's merged/."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     train, dev, test = splits["train"], splits["dev"], splits["test"]
     synthetic = load_synthetic(run.synthetic)
     coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap)
@@ -66,8 +66,6 @@ def real_coder_baseline(splits: dict[str, list[Note]], bootstrap: int) -> dict:
 def dp_coder_baseline(splits: dict[str, list[Note]], labels: list[str], coder: str, epsilon: float, bootstrap: int,
                       options: dict) -> dict:
     """One DP coder of kind `coder` trained on the real notes at ε over the public `labels`."""
-    from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, format_epsilon
-
     sweep = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], labels, epsilons=[epsilon],
                              n_bootstrap=bootstrap, coder=coder, log=print, **options)
     return sweep["by_epsilon"][format_epsilon(epsilon)]

@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dpnotes.privacy.clipping import PerExampleClipper
+
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -45,8 +47,6 @@ def assert_clipper_matches_oracle(model: nn.Module, loss_fn: LossFn, batch: dict
                                   max_grad_norm: float | None = None, rtol: float = 1e-4) -> None:
     """The clipper's per-example norms and clipped sum equal the batch-size-1 oracle's. The default
     clipping norm is the median per-example norm, so some examples are clipped and some are not."""
-    from dpnotes.privacy.clipping import PerExampleClipper
-
     per_example = per_example_gradients(model, loss_fn, batch)
     if max_grad_norm is None:
         max_grad_norm = float(per_example.norm(dim=1).median())

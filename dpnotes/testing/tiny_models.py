@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
+
+from dpnotes.models import resolve_model
 
 PAD_ID = 0
 
@@ -188,10 +190,6 @@ def prompt_masked_batch(batch: int = 4, seq_len: int = 12, seed: int = 3, vocab:
 def tiny_llama_folder(folder, tokenizer_source: str = "smollm2-135m", **config) -> None:
     """Save a random tiny LLaMA with a real tokenizer (SmolLM2's) as an HF folder, so recipes that
     load models by path run on it unchanged."""
-    from transformers import AutoTokenizer
-
-    from dpnotes.models import resolve_model
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source))
     tiny_llama(vocab=len(tokenizer), **{"hidden": 32, "layers": 2, "max_positions": 128, **config}).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
