@@ -18,6 +18,7 @@ from dpnotes.evaluation.leakage import (
     digit_candidates,
     exposure_from_scores,
     membership_inference,
+    nll_after_context,
     note_losses,
     one_run_audit,
     one_run_epsilon_lower_bound,
@@ -121,6 +122,16 @@ def test_sequence_nll_matches_model_loss(tokenizer):
         assert count == len(body) and total == pytest.approx(mean * len(body), rel=1e-4)
     batched, _ = sequence_nll(model, tokenizer, texts, contexts, batch_size=2)  # padding does not change scores
     np.testing.assert_allclose(batched, totals, rtol=1e-4)
+
+
+def test_cached_context_scores_equal_full_sequences(tokenizer):
+    """Scoring texts after a shared context through its KV cache gives the full forward's NLL."""
+    model = tiny_llama(vocab=len(tokenizer), seed=2)
+    context = "patient john smith was seen today for a follow up visit . mrn"
+    texts = ["1 2 3 4", "9 8 7", "5 5 5 5 5 1", "0"]
+    full, _ = sequence_nll(model, tokenizer, texts, context, batch_size=3)
+    cached = nll_after_context(model, tokenizer, texts, context, batch_size=3)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
 def test_exposure_of_a_memorised_canary_is_maximal(memorised, tokenizer):

@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import random
 import re
@@ -99,6 +101,47 @@ def sequence_nll(
     return totals, counts
 
 
+@torch.no_grad()
+def nll_after_context(model, tokenizer, texts: Sequence[str], context: str = "", batch_size: int = 64) -> np.ndarray:
+    """Total NLL (nats) of each text after one shared context: `sequence_nll(model, tokenizer, texts,
+    context)[0]`, with the context run once and its key/value cache reused for every text (scoring
+    candidates after a long note prefix costs their own tokens only)."""
+    prefix = _start_ids(tokenizer) + (tokenizer(context, add_special_tokens=False)["input_ids"] if context else [])
+    bodies = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    if not prefix or not all(bodies):  # nothing to cache, or an empty text: the plain scorer
+        return sequence_nll(model, tokenizer, texts, context, batch_size)[0]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        shared = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        # transformers renamed the cache argument and output `past_key_values` → `cache` (5.2x).
+        cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        shared_cache = shared["cache"] if "cache" in shared else shared.past_key_values
+        # The prefix's last position predicts every text's first token.
+        first = F.log_softmax(shared.logits[0, -1].float(), dim=-1)
+        totals = np.zeros(len(bodies))
+        for begin in range(0, len(bodies), batch_size):
+            chunk = bodies[begin : begin + batch_size]
+            width = max(len(body) for body in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
+            valid = torch.zeros((len(chunk), width), dtype=torch.bool, device=device)
+            for i, body in enumerate(chunk):
+                ids[i, : len(body)] = torch.tensor(body, device=device)
+                valid[i, : len(body)] = True
+            cache = copy.deepcopy(shared_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            mask = torch.cat([torch.ones((len(chunk), len(prefix)), dtype=torch.long, device=device), valid.long()], dim=1)
+            logits = model(input_ids=ids, attention_mask=mask, **{cache_keyword: cache}).logits.float()
+            log_probs = torch.cat([first.expand(len(chunk), 1, -1), F.log_softmax(logits[:, :-1], dim=-1)], dim=1)
+            token = log_probs.gather(2, ids.unsqueeze(-1)).squeeze(-1)
+            totals[begin : begin + len(chunk)] = (-(token * valid)).sum(1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return totals
+
+
 # ---------------------------------------------------------------------------------------------
 # (a) Canary exposure
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +202,7 @@ def canary_exposure(
     rows = []
     for index, (canary, context) in enumerate(zip(canaries, contexts)):
         candidates = digit_candidates(canary, n_candidates, seed + index)
-        nll, _ = sequence_nll(model, tokenizer, [canary] + candidates, [context] * (len(candidates) + 1), batch_size)
+        nll = nll_after_context(model, tokenizer, [canary] + candidates, context, batch_size)
         log_perplexity = nll / math.log(2)  # bits
         rank, exposure = exposure_from_scores(log_perplexity[0], log_perplexity[1:])
         rows.append({"canary_index": index, "rank": rank, "exposure": exposure, "log_perplexity_bits": float(log_perplexity[0]),
