@@ -4,7 +4,7 @@ import json
 import pytest
 
 from dpnotes.corpus import generate_default_corpus, write_notes
-from dpnotes.evaluation.cli import keep_top_labels, main, parse_options
+from dpnotes.evaluation.cli import keep_top_labels, main
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,7 @@ def files(tmp_path_factory):
 def test_coders_tfidf_writes_json(files, capsys):
     root, paths = files
     out = root / "coders.json"
-    code = main(["coders", "--corpus", str(paths["real"]), "--synthetic", str(paths["synthetic"]), "--bootstrap", "20",
-                 "--out", str(out)])
-    assert code == 0
+    main(["coders", f"corpus={paths['real']}", f"synthetic={paths['synthetic']}", "bootstrap=20", f"output_file={out}"])
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"real", "synthetic", "real+synthetic"}
     assert len(result["results"]["real"]["ci"]["micro_f1"]) == 2
@@ -34,9 +32,8 @@ def test_coders_tfidf_writes_json(files, capsys):
 def test_privacy_verbatim_and_audit(files, capsys):
     root, paths = files
     out = root / "privacy.json"
-    code = main(["privacy", "--synthetic", str(paths["synthetic"]), "--train-notes", str(paths["real"]),
-                 "--guesses", "100,100,100", "--out", str(out)])
-    assert code == 0
+    main(["privacy", f"synthetic={paths['synthetic']}", f"train_notes={paths['real']}", "guesses=[100, 100, 100]",
+          f"output_file={out}"])
     result = json.loads(out.read_text())
     assert result["verbatim"]["canaries"]["n"] == 3 and result["verbatim"]["canaries"]["full_in_output"] == 0
     assert result["one_run_audit"]["epsilon_lower_bound"] > 1
@@ -46,26 +43,35 @@ def test_privacy_verbatim_and_audit(files, capsys):
 def test_fidelity_without_embeddings(files):
     root, paths = files
     out = root / "fidelity.json"
-    assert main(["fidelity", "--real", str(paths["real"]), "--synthetic", str(paths["synthetic"]), "--no-embeddings",
-                 "--out", str(out)]) == 0
+    main(["fidelity", f"real={paths['real']}", f"synthetic={paths['synthetic']}", "embeddings=false", f"output_file={out}"])
     result = json.loads(out.read_text())
     assert 0 <= result["codes"]["total_variation"] <= 1 and result["text"]["real"]["n_notes"] >= 60
 
 
+def exit_status(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    return exit.value.code
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["coders", "--corpus", "/nonexistent/notes.jsonl"], "file not found"),
-    (["fidelity", "--real", "{real}", "--synthetic", "{empty}", "--no-embeddings"], "no notes"),
-    (["coders", "--train", "{real}", "--dev", "{real}"], "go together"),
+    (["coders", "corpus=/nonexistent/notes.jsonl"], "file not found"),
+    (["fidelity", "real={real}", "synthetic={empty}", "embeddings=false"], "no notes"),
+    (["coders", "train={real}", "dev={real}"], "go together"),
     (["privacy"], "nothing to do"),
-    (["privacy", "--guesses", "1,2"], "m,r,v"),
-    (["coders", "--corpus", "{real}", "--train-sets", "synthetic"], "no --synthetic"),
-    (["coders", "--corpus", "default", "--option", "bogus=1"], "bad reader option"),
+    (["privacy", "guesses=[1, 2]"], "[m, r, v]"),
+    (["coders", "corpus={real}", "train_sets=[synthetic]"], "no synthetic notes"),
+    (["coders", "corpus=default", "reader_options.bogus=1"], "bad reader option"),
+    (["coders", "corpus=default", "lr=0.1"], "unknown key 'lr'; known: "),
+    (["dp-classifier", "corpus=default", "epsilons=[1, -2]"], "must be > 0"),
+    (["fidelity", "real={real}"], "missing key 'synthetic'"),
 ])
 def test_bad_input_exits_2_with_a_message(files, capsys, argv, message):
     _, paths = files
     argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in argv]
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    assert exit_status(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
 
 
 def test_no_common_labels(files, tmp_path, capsys):
@@ -75,13 +81,11 @@ def test_no_common_labels(files, tmp_path, capsys):
     test = [Note(f"b{i}", f"b{i}", "text two", ["B"]) for i in range(3)]
     for name, notes in (("train", train), ("dev", train), ("test", test)):
         write_notes(notes, tmp_path / f"{name}.jsonl")
-    argv = ["coders"] + [x for name in ("train", "dev", "test") for x in (f"--{name}", str(tmp_path / f"{name}.jsonl"))]
-    assert main(argv) == 2 and "no labels in common" in capsys.readouterr().err
+    argv = ["coders"] + [f"{name}={tmp_path / f'{name}.jsonl'}" for name in ("train", "dev", "test")]
+    assert exit_status(argv) == 2 and "no labels in common" in capsys.readouterr().err
 
 
-def test_helpers():
-    assert parse_options(["top-k-labels=10", "exclude_document_types=true", "x=0.5", "name=a"]) == {
-        "top_k_labels": 10, "exclude_document_types": True, "x": 0.5, "name": "a"}
+def test_keep_top_labels():
     notes = generate_default_corpus(n_patients=30, seed=0)
     kept = keep_top_labels(notes, 2)
     assert len({c for n in kept for c in n.codes}) == 2 and all(n.codes for n in kept)
@@ -90,7 +94,6 @@ def test_helpers():
 def test_dp_classifier_needs_a_public_label_space(files, capsys):
     """Labels taken from the private training notes would be released outside the guarantee."""
     _, paths = files
-    code = main(["dp-classifier", "--corpus", str(paths["real"]), "--epsilons", "1"])
-    assert code == 2
+    assert exit_status(["dp-classifier", f"corpus={paths['real']}", "epsilons=[1]"]) == 2
     error = capsys.readouterr().err
     assert "no public label space" in error and error.count("\n") == 1

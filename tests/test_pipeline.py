@@ -17,13 +17,13 @@ def study(tiny_model_dir, tmp_path_factory):
     config = load_pipeline_config(None, [
         f"output_dir={root}",
         "train_config=train/configs/tiny_test.yaml",
-        f"train_overrides=[model={tiny_model_dir}, canaries=8, privacy.seed=1]",
+        f"train.model={tiny_model_dir}", "train.canaries=8", "train.privacy.seed=1",
         "epsilons=[8.0, .inf]",
-        "conditioning=prior", f"prior_path={prior}",
-        "synthetic_count=8", "max_new_tokens=12", "generation_batch_size=4",
+        "generation.conditioning=prior", f"generation.prior_path={prior}",
+        "synthetic_count=8", "generation.max_new_tokens=12", "generation.batch_size=4",
         "mia_notes=10", "canary_candidates=20", "bootstrap=20",
         "dp_coders=[]", "report_to=none",
-        "generation_backend=transformers",  # the tiny model's 8-wide heads are below vLLM CPU kernels' 32
+        "generation.backend=transformers",  # the tiny model's 8-wide heads are below vLLM CPU kernels' 32
     ])
     report = Pipeline(config).run()
     return config, root, report
@@ -91,7 +91,8 @@ def test_a_changed_temperature_regenerates_and_reevaluates_without_retraining(st
     config, root, _ = study
     notes = root / "eps_8" / "synthetic" / "notes.jsonl"
     before = notes.stat().st_mtime_ns
-    Pipeline(dataclasses.replace(config, temperature=0.5, epsilons=[8.0])).run()
+    generation = dataclasses.replace(config.generation, temperature=0.5)
+    Pipeline(dataclasses.replace(config, generation=generation, epsilons=[8.0])).run()
     out = capsys.readouterr().out
     assert "train eps_8: done" in out and "merge eps_8: done" in out
     assert "generate eps_8: inputs changed (temperature), regenerating" in out

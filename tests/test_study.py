@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dpnotes.study.parts import StudyConfig, StudyPart, check_targets, load_study_config, write_results
+from dpnotes.study.parts import StudyConfig, StudyPart, check_targets, load_study_config, part_pipeline, write_results
 
 
 def summary(f1_by_eps, real=0.9, dp=None):
@@ -24,12 +24,12 @@ def test_targets_are_met_missed_or_not_measured():
 
 
 def test_the_shipped_study_names_existing_pipeline_configs():
-    from dpnotes.study.pipeline import ROOT, load_pipeline_config
+    from dpnotes.study.pipeline import ROOT
 
     study = load_study_config(ROOT / "dpnotes" / "study" / "configs" / "study.yaml")
     assert {"default", "mtsamples", "cmc2007"} <= set(study.parts)
-    for part in study.parts.values():
-        config = load_pipeline_config(ROOT / part.config, part.overrides)
+    for name in study.parts:
+        config = part_pipeline(study, name)
         assert math.inf in (config.dp_coder_epsilons or config.epsilons)
 
 

@@ -1,10 +1,13 @@
-"""`python -m dpnotes.evaluation.cli {coders,dp-classifier,privacy,fidelity} ...`
+"""`dpnotes eval {coders,dp-classifier,privacy,fidelity} [--config FILE.yaml] [key=value ...]`
 
-Every subcommand writes its full results as JSON (`--out`, default: stdout is left for the table)
-and prints a human-readable table. Corpora are `load_corpus` specs (`mtsamples:PATH`,
-`cmc2007:PATH`, `notes:PATH`, `default`, a plain path); `--option key=value` is passed to the
-reader (e.g. `--option top_k_labels=10 --option exclude_document_types=true` for MTSamples).
-Bad input (missing files, empty sets, no common labels) exits with status 2 and one line on stderr.
+    dpnotes eval coders --config eval/configs/coders.yaml synthetic=runs/demo/eps_8/synthetic/notes.jsonl
+    dpnotes eval dp-classifier corpus=default coder=hashed "epsilons=[1, 8, .inf]" labels=icd10cm-default
+
+Every subcommand writes its full results as JSON to `output_file` (if set) and prints a table.
+Corpora are `load_corpus` specs (`mtsamples:PATH`, `cmc2007:PATH`, `notes:PATH`, `default`, a
+plain path); `reader_options` go to the reader (e.g. `reader_options.exclude_document_types=true`
+for MTSamples). Bad input (missing files, empty sets, no common labels) exits with status 2 and one
+line on stderr. `dpnotes eval SUBCOMMAND --help` lists the subcommand's settings.
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from dpnotes.corpus.schema import CorpusError, Note
+from dpnotes.config import add_config_arguments, load
+from dpnotes.console import add_console_flags, command
+from dpnotes.corpus.schema import Note
 from dpnotes.errors import UserError
-
-EXIT_BAD_INPUT = 2
 
 
 class CLIError(UserError):
@@ -27,30 +32,104 @@ class CLIError(UserError):
 
 
 # ---------------------------------------------------------------------------------------------
+# settings, one dataclass per subcommand
+# ---------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class NotesConfig:
+    """The real notes: a corpus split by patient, or explicit train/dev/test sets."""
+
+    corpus: str | None = None
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    reader_options: dict = field(default_factory=dict)  # keyword options of the corpus reader
+    top_k_labels: int | None = None  # keep the K most frequent codes
+    fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_seed: int = 0
+    bootstrap: int = 1000  # resamples for the CIs (0: none)
+    seed: int = 0
+    output_file: str | None = None  # the JSON results
+
+
+@dataclass(kw_only=True)
+class CodersConfig(NotesConfig):
+    synthetic: str | None = None  # synthetic notes (corpus spec)
+    train_sets: list[str] | None = None  # of real, synthetic, real+synthetic (None: all that the notes allow)
+    coder: Literal["tfidf", "encoder"] = "tfidf"
+    model: str = "minilm"
+    head: Literal["mean", "label_attention"] = "mean"
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    max_length: int = 256
+
+
+@dataclass(kw_only=True)
+class DPCoderSettings:
+    """A DP coder's training settings, named as in training; None keeps the chosen coder's default
+    (they differ: a linear head wants larger batches and learning rates than LoRA)."""
+
+    model: str | None = None  # encoder alias or folder (lora, probe)
+    steps: int | None = None
+    expected_batch_size: int | None = None
+    learning_rate: float | None = None
+    max_length: int | None = None  # tokens per note (lora, probe)
+    max_grad_norm: float | None = None
+
+    def coder_options(self) -> dict:
+        """The settings given, as keyword options of the coders (dpnotes.evaluation.dp_sweep)."""
+        given = {"model": self.model, "max_length": self.max_length, "steps": self.steps,
+                 "expected_batch_size": self.expected_batch_size, "lr": self.learning_rate,
+                 "max_grad_norm": self.max_grad_norm}
+        return {name: value for name, value in given.items() if value is not None}
+
+
+@dataclass(kw_only=True)
+class DPClassifierConfig(NotesConfig, DPCoderSettings):
+    # lora: DP-LoRA MiniLM; probe: DP linear probe on frozen MiniLM features; hashed: DP logistic
+    # regression on hashed word n-grams
+    coder: Literal["lora", "probe", "hashed"] = "lora"
+    epsilons: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, math.inf])
+    privacy_unit: Literal["patient", "sequence"] = "patient"
+    labels: str | None = None  # public label list: a file (one code per line) or a shipped list's name
+    privacy_seed: int | None = None  # fixed sampling/noise seed: tests and audits only, NOT private
+
+
+@dataclass(kw_only=True)
+class PrivacyEvalConfig:
+    model: str | None = None  # the fine-tuned causal LM (alias or folder): exposure and membership inference
+    canaries_from: str | None = None  # notes with metadata['canary'] (the training set)
+    canary_candidates: int = 1000
+    members: str | None = None  # training notes (membership inference)
+    nonmembers: str | None = None  # held-out notes
+    mia_notes: int = 500  # members and as many non-members
+    max_length: int = 512
+    prompt: bool = True  # score the notes after the model's training prompt (false: bare text)
+    synthetic: str | None = None  # synthetic notes (verbatim leakage)
+    train_notes: str | None = None  # the generator's training notes (verbatim leakage)
+    ngram: int = 8
+    per_note: bool = False  # keep per-note leakage rows in the JSON
+    guesses: list[int] | None = None  # one-run audit from the counts [m, r, v]
+    delta: float = 0.0
+    confidence: float = 0.95
+    seed: int = 0
+    output_file: str | None = None
+
+
+@dataclass(kw_only=True)
+class FidelityConfig:
+    real: str
+    synthetic: str
+    reader_options: dict = field(default_factory=dict)  # for the real notes
+    model: str = "minilm"
+    max_length: int = 256
+    embeddings: bool = True
+    output_file: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
 # input helpers
 # ---------------------------------------------------------------------------------------------
-def _parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_options(pairs: Sequence[str] | None) -> dict:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--option expects key=value, got {pair!r}")
-        options[key.replace("-", "_")] = _parse_value(value)
-    return options
-
-
 def load_notes(spec: str, options: dict | None = None, what: str = "corpus") -> list[Note]:
     from dpnotes.corpus import load_corpus
 
@@ -58,7 +137,7 @@ def load_notes(spec: str, options: dict | None = None, what: str = "corpus") -> 
         raise CLIError(f"{what}: file not found: {spec}")
     try:
         notes = load_corpus(spec, **(options or {}))
-    except TypeError as error:  # an --option the reader does not take
+    except TypeError as error:  # a reader option the reader does not take
         raise CLIError(f"{what}: bad reader option ({error})") from None
     if not notes:
         raise CLIError(f"{what}: {spec} has no notes")
@@ -75,23 +154,23 @@ def keep_top_labels(notes: list[Note], k: int | None) -> list[Note]:
     return [n for n in out if n.codes]
 
 
-def splits_from_args(args) -> tuple[list[Note], list[Note], list[Note]]:
+def splits_of(config: NotesConfig) -> tuple[list[Note], list[Note], list[Note]]:
     from dpnotes.corpus import split_by_patient
 
-    options = parse_options(args.option)
-    if args.train or args.dev or args.test:
-        if not (args.train and args.dev and args.test):
-            raise CLIError("--train, --dev and --test go together (or give --corpus to split)")
-        sets = [load_notes(spec, options, name) for spec, name in ((args.train, "train"), (args.dev, "dev"), (args.test, "test"))]
-    elif args.corpus:
-        notes = load_notes(args.corpus, options)
-        notes = keep_top_labels(notes, args.top_k_labels)
-        split = split_by_patient(notes, tuple(args.fractions), seed=args.split_seed)
+    options = config.reader_options
+    if config.train or config.dev or config.test:
+        if not (config.train and config.dev and config.test):
+            raise CLIError("train, dev and test go together (or give corpus to split)")
+        sets = [load_notes(spec, options, name) for spec, name in ((config.train, "train"), (config.dev, "dev"), (config.test, "test"))]
+    elif config.corpus:
+        notes = load_notes(config.corpus, options)
+        notes = keep_top_labels(notes, config.top_k_labels)
+        split = split_by_patient(notes, tuple(config.fractions), seed=config.split_seed)
         sets = [split["train"], split["dev"], split["test"]]
     else:
-        raise CLIError("give --corpus (split by patient) or --train/--dev/--test")
-    if args.top_k_labels and args.train:  # explicit sets: the K most frequent train codes, applied to all three
-        kept = {c for n in keep_top_labels(sets[0], args.top_k_labels) for c in n.codes}
+        raise CLIError("give corpus (split by patient) or train, dev and test")
+    if config.top_k_labels and config.train:  # explicit sets: the K most frequent train codes, applied to all three
+        kept = {c for n in keep_top_labels(sets[0], config.top_k_labels) for c in n.codes}
         sets = [[Note(n.id, n.patient_id, n.text, sorted(set(n.codes) & kept), n.metadata) for n in s] for s in sets]
         sets = [[n for n in s if n.codes] for s in sets]
     for name, notes in zip(("train", "dev", "test"), sets):
@@ -118,10 +197,11 @@ def _jsonable(value):
     return value
 
 
-def write_json(result: dict, out: Path | None) -> None:
-    text = json.dumps(_jsonable(result), indent=2)
-    if out is None:
+def write_json(result: dict, output_file: str | None) -> None:
+    if output_file is None:
         return
+    out = Path(output_file)
+    text = json.dumps(_jsonable(result), indent=2)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     print(f"wrote {out}", file=sys.stderr)
@@ -168,62 +248,62 @@ METRIC_COLUMNS = ["train set", "n train", "micro-F1", "95% CI", "macro-F1", "wei
 # ---------------------------------------------------------------------------------------------
 # subcommands
 # ---------------------------------------------------------------------------------------------
-def cmd_coders(args) -> dict:
+def cmd_coders(config: CodersConfig) -> dict:
     from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, compare_train_sets
 
-    train, dev, test = splits_from_args(args)
-    synthetic = load_notes(args.synthetic, None, "synthetic") if args.synthetic else []
-    if args.train_sets is None:
+    train, dev, test = splits_of(config)
+    synthetic = load_notes(config.synthetic, None, "synthetic") if config.synthetic else []
+    if config.train_sets is None:
         train_sets = ["real", "synthetic", "real+synthetic"] if synthetic else ["real"]
     else:
-        train_sets = [s.strip() for s in args.train_sets.split(",") if s.strip()]
+        train_sets = config.train_sets
         if not synthetic and set(train_sets) - {"real"}:
-            raise CLIError("--train-sets names synthetic sets but no --synthetic was given")
+            raise CLIError("train_sets names synthetic sets but no synthetic notes were given")
 
     def make_coder():
-        if args.coder == "tfidf":
+        if config.coder == "tfidf":
             return TfidfCoder()
-        return EncoderCoder(args.model, head=args.head, max_length=args.max_length, epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        return EncoderCoder(config.model, head=config.head, max_length=config.max_length, epochs=config.epochs,
+                            batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed,
                             log=lambda message: print(message, file=sys.stderr))
 
-    results = compare_train_sets(make_coder, train, synthetic, dev, test, n_bootstrap=args.bootstrap, seed=args.seed,
+    results = compare_train_sets(make_coder, train, synthetic, dev, test, n_bootstrap=config.bootstrap, seed=config.seed,
                                  train_sets=train_sets)
-    print_table(f"{args.coder} coder on real test notes (n={len(test)})", METRIC_COLUMNS,
+    print_table(f"{config.coder} coder on real test notes (n={len(test)})", METRIC_COLUMNS,
                 [_metric_row(name, r) for name, r in results.items()])
-    return {"command": "coders", "coder": args.coder, "results": results}
+    return {"command": "coders", "coder": config.coder, "results": results}
 
 
-def _dp_coder_options(args) -> dict:
-    """The options given on the command line; the others keep the chosen coder's defaults."""
-    given = {"model": args.model, "max_length": args.max_length, "steps": args.steps,
-             "expected_batch_size": args.batch_size, "lr": args.lr, "max_grad_norm": args.max_grad_norm}
-    options = {name: value for name, value in given.items() if value is not None}
-    if args.coder == "hashed" and {"model", "max_length"} & set(options):
-        raise CLIError("--model and --max-length configure an encoder: --coder hashed has none")
+def _dp_coder_options(config: DPClassifierConfig) -> dict:
+    """The settings given; the others keep the chosen coder's defaults."""
+    options = config.coder_options()
+    if config.coder == "hashed" and {"model", "max_length"} & set(options):
+        raise CLIError("model and max_length configure an encoder: coder hashed has none")
     return options
 
 
-def cmd_dp_classifier(args) -> dict:
-    from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, parse_epsilon
+def cmd_dp_classifier(config: DPClassifierConfig) -> dict:
+    from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep
 
     from dpnotes.corpus.code_lists import public_label_space
 
-    labels = public_label_space(args.labels, args.corpus or args.train)  # before any work
-    train, dev, test = splits_from_args(args)
-    epsilons = [parse_epsilon(e) for e in args.epsilons.split(",") if e.strip()]
-    if not epsilons:
-        raise CLIError("--epsilons is empty")
-    sweep = dp_epsilon_sweep(train, dev, test, labels, epsilons, n_bootstrap=args.bootstrap, seed=args.seed,
-                             log=lambda message: print(message, file=sys.stderr), coder=args.coder,
-                             privacy_seed=args.privacy_seed, privacy_unit=args.privacy_unit, **_dp_coder_options(args))
+    labels = public_label_space(config.labels, config.corpus or config.train)  # before any work
+    train, dev, test = splits_of(config)
+    if not config.epsilons:
+        raise CLIError("epsilons is empty")
+    for epsilon in config.epsilons:
+        if math.isnan(epsilon) or epsilon <= 0:
+            raise CLIError(f"epsilons: each must be > 0 or .inf, got {epsilon}")
+    sweep = dp_epsilon_sweep(train, dev, test, labels, config.epsilons, n_bootstrap=config.bootstrap, seed=config.seed,
+                             log=lambda message: print(message, file=sys.stderr), coder=config.coder,
+                             privacy_seed=config.privacy_seed, privacy_unit=config.privacy_unit, **_dp_coder_options(config))
     rows = []
     for eps, r in sweep["by_epsilon"].items():
         p = r["privacy"]
         rows.append([eps, p["epsilon_spent"], p["noise_multiplier"], p["steps_taken"], r["metrics"]["weighted_f1"],
                      r.get("ci", {}).get("weighted_f1", "-"), r["metrics"]["micro_f1"], r["metrics"]["macro_f1"]])
-    title = f"DP {args.coder} coder (n_train={len(train)}, n_test={len(test)}, {len(labels)} public labels)"
-    if args.privacy_seed is not None:
+    title = f"DP {config.coder} coder (n_train={len(train)}, n_test={len(test)}, {len(labels)} public labels)"
+    if config.privacy_seed is not None:
         title += " — NOT PRIVATE: fixed seed"
     print_table(title,
                 ["target ε", "ε spent", "σ", "steps", "weighted-F1", "95% CI", "micro-F1", "macro-F1"], rows)
@@ -236,7 +316,7 @@ def _training_prompt(model: str, tokenizer):
 
     report = Path(model) / "privacy_report.json"
     if not report.is_file():
-        raise CLIError(f"{model}: no privacy_report.json with the training prompt format (use --no-prompt for bare text)")
+        raise CLIError(f"{model}: no privacy_report.json with the training prompt format (prompt=false for bare text)")
     try:
         prompt = prompt_format_from(json.loads(report.read_text()), str(model))
     except ValueError as error:
@@ -244,77 +324,76 @@ def _training_prompt(model: str, tokenizer):
     return lambda codes: prompt.render(codes, tokenizer)
 
 
-def cmd_privacy(args) -> dict:
+def cmd_privacy(config: PrivacyEvalConfig) -> dict:
     from dpnotes.evaluation import leakage
 
     result: dict = {"command": "privacy"}
     rows = []
-    needs_model = args.members or args.canaries_from
+    needs_model = config.members or config.canaries_from
     if needs_model:
-        if not args.model:
-            raise CLIError("--model (a causal LM alias or folder) is needed for exposure and membership inference")
+        if not config.model:
+            raise CLIError("model (a causal LM alias or folder) is needed for exposure and membership inference")
         from dpnotes.models import load_causal_lm
 
-        model, tokenizer = load_causal_lm(args.model)
-        prompt_of = None if args.no_prompt else _training_prompt(args.model, tokenizer)
-    if args.canaries_from:
-        notes = load_notes(args.canaries_from, None, "canary notes")
+        model, tokenizer = load_causal_lm(config.model)
+        prompt_of = None if not config.prompt else _training_prompt(config.model, tokenizer)
+    if config.canaries_from:
+        notes = load_notes(config.canaries_from, None, "canary notes")
         canaries, contexts = leakage.canary_contexts(notes, prompt_of)
         if not canaries:
-            raise CLIError(f"{args.canaries_from}: no note has metadata['canary']")
-        exposure = leakage.canary_exposure(model, tokenizer, canaries, contexts, n_candidates=args.candidates, seed=args.seed)
+            raise CLIError(f"{config.canaries_from}: no note has metadata['canary']")
+        exposure = leakage.canary_exposure(model, tokenizer, canaries, contexts, n_candidates=config.canary_candidates, seed=config.seed)
         result["exposure"] = exposure
         rows += [["exposure (mean)", exposure["mean_exposure"]], ["exposure (max)", exposure["max_exposure"]],
                  ["exposure (max possible)", exposure["max_possible_exposure"]], ["canaries ranked 1st", exposure["n_rank_1"]]]
-    if args.members or args.nonmembers:
-        if not (args.members and args.nonmembers):
-            raise CLIError("membership inference needs both --members and --nonmembers")
-        members = load_notes(args.members, None, "members")[: args.max_notes]
-        nonmembers = load_notes(args.nonmembers, None, "non-members")[: args.max_notes]
+    if config.members or config.nonmembers:
+        if not (config.members and config.nonmembers):
+            raise CLIError("membership inference needs both members and nonmembers")
+        members = load_notes(config.members, None, "members")[: config.mia_notes]
+        nonmembers = load_notes(config.nonmembers, None, "non-members")[: config.mia_notes]
         mia = leakage.membership_inference(
-            leakage.note_losses(model, tokenizer, members, prompt_of, max_length=args.max_length),
-            leakage.note_losses(model, tokenizer, nonmembers, prompt_of, max_length=args.max_length))
+            leakage.note_losses(model, tokenizer, members, prompt_of, max_length=config.max_length),
+            leakage.note_losses(model, tokenizer, nonmembers, prompt_of, max_length=config.max_length))
         result["membership_inference"] = mia
         rows += [["MIA AUC", mia["auc"]], ["MIA TPR @ 1% FPR", mia["tpr_at_0.01_fpr"]]]
-    if args.synthetic:
-        if not args.train_notes:
-            raise CLIError("verbatim leakage needs --train-notes (the notes the generator was trained on)")
-        synthetic = load_notes(args.synthetic, None, "synthetic")
-        train_notes = load_notes(args.train_notes, None, "train notes")
+    if config.synthetic:
+        if not config.train_notes:
+            raise CLIError("verbatim leakage needs train_notes (the notes the generator was trained on)")
+        synthetic = load_notes(config.synthetic, None, "synthetic")
+        train_notes = load_notes(config.train_notes, None, "train notes")
         from dpnotes.corpus import canary_secrets
 
-        leak = leakage.verbatim_leakage([n.text for n in synthetic], [n.text for n in train_notes], n=args.ngram,
+        leak = leakage.verbatim_leakage([n.text for n in synthetic], [n.text for n in train_notes], n=config.ngram,
                                         canaries=canary_secrets(train_notes))
-        if not args.per_note:
+        if not config.per_note:
             leak.pop("per_note")
         result["verbatim"] = leak
         rows += [["LCS words (mean)", leak["lcs_words"]["mean"]], ["LCS words (max)", leak["lcs_words"]["max"]],
-                 [f"{args.ngram}-gram overlap (mean)", leak[f"{args.ngram}gram_overlap"]["mean"]]]
+                 [f"{config.ngram}-gram overlap (mean)", leak[f"{config.ngram}gram_overlap"]["mean"]]]
         if "canaries" in leak:
             rows += [["canaries in output (full)", leak["canaries"]["full_in_output"]],
                      ["canary MRNs in output", leak["canaries"]["identifier_in_output"]]]
-    if args.guesses:
-        try:
-            m, r, v = (int(x) for x in args.guesses.split(","))
-        except ValueError:
-            raise CLIError("--guesses expects m,r,v (canaries, guesses made, correct guesses)") from None
-        bound = leakage.one_run_epsilon_lower_bound(m, r, v, args.delta, args.confidence)
-        result["one_run_audit"] = {"m": m, "r": r, "v": v, "delta": args.delta, "confidence": args.confidence,
+    if config.guesses:
+        if len(config.guesses) != 3:
+            raise CLIError("guesses expects [m, r, v] (canaries, guesses made, correct guesses)")
+        m, r, v = config.guesses
+        bound = leakage.one_run_epsilon_lower_bound(m, r, v, config.delta, config.confidence)
+        result["one_run_audit"] = {"m": m, "r": r, "v": v, "delta": config.delta, "confidence": config.confidence,
                                    "epsilon_lower_bound": bound}
-        rows.append([f"ε lower bound (one run, δ={args.delta:g})", bound])
+        rows.append([f"ε lower bound (one run, δ={config.delta:g})", bound])
     if len(result) == 1:
-        raise CLIError("nothing to do: give --canaries-from, --members/--nonmembers, --synthetic or --guesses")
+        raise CLIError("nothing to do: give canaries_from, members and nonmembers, synthetic or guesses")
     print_table("Measured privacy", ["measure", "value"], rows)
     return result
 
 
-def cmd_fidelity(args) -> dict:
+def cmd_fidelity(config: FidelityConfig) -> dict:
     from dpnotes.evaluation.fidelity import embed_texts, fidelity_report
 
-    real = load_notes(args.real, parse_options(args.option), "real")
-    synthetic = load_notes(args.synthetic, None, "synthetic")
-    embed = None if args.no_embeddings else (lambda texts: embed_texts(texts, model_name=args.model, max_length=args.max_length))
-    report = fidelity_report(real, synthetic, embed=embed, with_embeddings=not args.no_embeddings)
+    real = load_notes(config.real, config.reader_options, "real")
+    synthetic = load_notes(config.synthetic, None, "synthetic")
+    embed = None if not config.embeddings else (lambda texts: embed_texts(texts, model_name=config.model, max_length=config.max_length))
+    report = fidelity_report(real, synthetic, embed=embed, with_embeddings=config.embeddings)
     rows = [[f"mean words ({k})", report["text"][k]["mean_words"]] for k in ("real", "synthetic")]
     rows += [[f"type-token ratio ({k})", report["text"][k]["mean_type_token_ratio"]] for k in ("real", "synthetic")]
     rows += [["synthetic vocabulary seen in real", report["vocabulary"]["synthetic_types_in_real"]],
@@ -329,99 +408,33 @@ def cmd_fidelity(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-def _add_split_args(parser) -> None:
-    parser.add_argument("--corpus", help="corpus spec, split by patient into train/dev/test")
-    parser.add_argument("--train"), parser.add_argument("--dev"), parser.add_argument("--test")
-    parser.add_argument("--option", action="append", help="reader option key=value (repeatable)")
-    parser.add_argument("--top-k-labels", type=int, help="keep the K most frequent codes")
-    parser.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1))
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="JSON results file")
+# Subcommand -> (its settings, what it does, one line of help).
+SUBCOMMANDS: dict[str, tuple[type, Callable[..., dict], str]] = {
+    "coders": (CodersConfig, cmd_coders, "coders trained on real / synthetic / real+synthetic, scored on real test"),
+    "dp-classifier": (DPClassifierConfig, cmd_dp_classifier,
+                      "DP coder (DP-LoRA, DP linear probe, DP hashed n-grams) at several ε"),
+    "privacy": (PrivacyEvalConfig, cmd_privacy, "canary exposure, membership inference, verbatim leakage, one-run audit"),
+    "fidelity": (FidelityConfig, cmd_fidelity, "distance between real and synthetic notes"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dpnotes.evaluation.cli", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="dpnotes eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_console_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    coders = sub.add_parser("coders", help="coders trained on real / synthetic / real+synthetic, scored on real test")
-    _add_split_args(coders)
-    coders.add_argument("--synthetic", help="synthetic notes (corpus spec)")
-    coders.add_argument("--train-sets", help="comma list of real, synthetic, real+synthetic (default: all with --synthetic)")
-    coders.add_argument("--coder", choices=("tfidf", "encoder"), default="tfidf")
-    coders.add_argument("--model", default="minilm")
-    coders.add_argument("--head", choices=("mean", "label_attention"), default="mean")
-    coders.add_argument("--epochs", type=int, default=3)
-    coders.add_argument("--batch-size", type=int, default=16)
-    coders.add_argument("--lr", type=float, default=5e-5)
-    coders.add_argument("--max-length", type=int, default=256)
-    coders.set_defaults(func=cmd_coders)
-
-    dp = sub.add_parser("dp-classifier", help="DP coder (DP-LoRA, DP linear probe, DP hashed n-grams) at several ε")
-    _add_split_args(dp)
-    dp.add_argument("--coder", choices=("lora", "probe", "hashed"), default="lora",
-                    help="lora: DP-LoRA MiniLM; probe: DP linear probe on frozen MiniLM features; "
-                         "hashed: DP logistic regression on hashed word n-grams")
-    dp.add_argument("--epsilons", default="0.01,0.1,1,10,inf")
-    # Unset options keep the chosen coder's defaults (they differ: a linear head wants larger
-    # batches and learning rates than LoRA).
-    dp.add_argument("--model", help="encoder alias or folder (lora, probe; default minilm)")
-    dp.add_argument("--steps", type=int)
-    dp.add_argument("--batch-size", type=int, help="expected logical batch size")
-    dp.add_argument("--lr", type=float)
-    dp.add_argument("--max-length", type=int, help="tokens per note (lora, probe)")
-    dp.add_argument("--max-grad-norm", type=float)
-    dp.add_argument("--privacy-unit", choices=("patient", "sequence"), default="patient")
-    dp.add_argument("--labels", help="public label list: a file (one code per line) or a shipped list name "
-                                     "(default: the public list of --corpus's kind)")
-    dp.add_argument("--privacy-seed", type=int, help="fixed sampling/noise seed: tests and audits only, NOT private")
-    dp.set_defaults(func=cmd_dp_classifier)
-
-    priv = sub.add_parser("privacy", help="canary exposure, membership inference, verbatim leakage, one-run audit")
-    priv.add_argument("--model", help="fine-tuned causal LM (alias or folder)")
-    priv.add_argument("--canaries-from", help="notes with metadata['canary'] (the training set)")
-    priv.add_argument("--candidates", type=int, default=1000)
-    priv.add_argument("--members", help="training notes (MIA members)")
-    priv.add_argument("--nonmembers", help="held-out notes (MIA non-members)")
-    priv.add_argument("--max-notes", type=int, default=500)
-    priv.add_argument("--max-length", type=int, default=512)
-    priv.add_argument("--no-prompt", action="store_true", help="score text without the codes prompt")
-    priv.add_argument("--synthetic", help="synthetic notes (verbatim leakage)")
-    priv.add_argument("--train-notes", help="the generator's training notes (verbatim leakage)")
-    priv.add_argument("--ngram", type=int, default=8)
-    priv.add_argument("--per-note", action="store_true", help="keep per-note leakage rows in the JSON")
-    priv.add_argument("--guesses", help="one-run audit from counts m,r,v")
-    priv.add_argument("--delta", type=float, default=0.0)
-    priv.add_argument("--confidence", type=float, default=0.95)
-    priv.add_argument("--seed", type=int, default=0)
-    priv.add_argument("--out", type=Path)
-    priv.set_defaults(func=cmd_privacy)
-
-    fid = sub.add_parser("fidelity", help="distance between real and synthetic notes")
-    fid.add_argument("--real", required=True)
-    fid.add_argument("--synthetic", required=True)
-    fid.add_argument("--option", action="append", help="reader option for --real, key=value")
-    fid.add_argument("--model", default="minilm")
-    fid.add_argument("--max-length", type=int, default=256)
-    fid.add_argument("--no-embeddings", action="store_true")
-    fid.add_argument("--out", type=Path)
-    fid.set_defaults(func=cmd_fidelity)
+    for name, (settings, _, summary) in SUBCOMMANDS.items():
+        add_config_arguments(sub.add_parser(name, help=summary, description=summary), settings)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from dpnotes.evaluation.coders import EvalInputError
-
+@command
+def main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except (CLIError, CorpusError, EvalInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    write_json(result, args.out)
-    return 0
+    settings, run, _ = SUBCOMMANDS[args.command]
+    config = load(settings, args.config, args.overrides)
+    write_json(run(config), config.output_file)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,19 +1,22 @@
 """Merge a DP-trained LoRA adapter into its base model and save a standard HF folder whose model
 card records the privacy guarantee.
 
-    python -m dpnotes.generation.merge --run runs/demo/eps8 --out runs/demo/eps8/merged
+    dpnotes merge run_dir=runs/demo/eps_8            # writes runs/demo/eps_8/merged
 
 Merging is post-processing of the DP-trained adapter: it spends no privacy budget.
 """
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
+from dpnotes.config import command_parser, load
+from dpnotes.console import command
+from dpnotes.errors import UserError
 from dpnotes.models import load_causal_lm
 from dpnotes.runs import PRIVACY_REPORT, RunDir
 
@@ -60,12 +63,20 @@ def merge_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) 
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path, help="training output_dir (adapter/ + privacy_report.json)")
-    parser.add_argument("--out", type=Path, help="default: RUN/merged")
-    args = parser.parse_args(argv)
-    print(merge_run(args.run, args.out or RunDir(args.run).merged))
+@dataclass
+class MergeConfig:
+    run_dir: str  # a training output_dir (adapter/ + privacy_report.json)
+    output_dir: str | None = None  # None: RUN_DIR/merged
+
+
+@command
+def main(argv: list[str]) -> None:
+    args = command_parser(MergeConfig, __doc__, prog="dpnotes merge").parse_intermixed_args(argv)
+    config = load(MergeConfig, args.config, args.overrides)
+    run = RunDir(Path(config.run_dir))
+    if not run.privacy_report.is_file():
+        raise UserError(f"{run.root}: no {PRIVACY_REPORT}: not a finished training run (run_dir)")
+    print(merge_run(run.root, Path(config.output_dir) if config.output_dir else run.merged))
 
 
 if __name__ == "__main__":

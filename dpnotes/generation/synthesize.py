@@ -1,7 +1,7 @@
-"""Generate synthetic notes conditioned on code sets, as JSONL in the corpus schema + a manifest.
+r"""Generate synthetic notes conditioned on code sets, as JSONL in the corpus schema + a manifest.
 
-    python -m dpnotes.generation.synthesize --model runs/demo/eps8/merged --run runs/demo/eps8 \
-        --count 200 --out runs/demo/eps8/synthetic --conditioning dp-marginals --conditioning-epsilon 1
+    dpnotes generate --config generate/configs/demo.yaml model=runs/demo/eps_8/merged \
+        run_dir=runs/demo/eps_8 output_dir=runs/demo/eps_8/synthetic count=200 conditioning_epsilon=1
 
 Resumable: notes already in OUT/notes.jsonl are kept and only missing indices are generated; the
 released code-set distribution is saved once (OUT/conditioning.json) so resuming never spends its
@@ -14,16 +14,17 @@ is generated. A prior costs nothing and goes with any unit.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import yaml
 from tqdm import tqdm
 
+from dpnotes.config import command_parser, load
+from dpnotes.console import command
 from dpnotes.corpus import Note
 from dpnotes.generation.backends import SamplingConfig, chunk_size, make_backend, resolve_backend
 from dpnotes.generation.conditioning import (
@@ -35,6 +36,7 @@ from dpnotes.generation.conditioning import (
     dp_code_set_histogram,
     prior_distribution,
 )
+from dpnotes.errors import UserError
 from dpnotes.prompting import PromptFormat, prompt_format_from
 from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir
 
@@ -60,18 +62,18 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
         if not distribution.free and distribution.privacy_unit != privacy_unit:
             raise ValueError(
                 f"{saved} was released at privacy unit {distribution.privacy_unit!r}, not at the training unit "
-                f"{privacy_unit!r}: guarantees of different units cannot be added; use another --out"
+                f"{privacy_unit!r}: guarantees of different units cannot be added; use another output_dir"
             )
         return distribution
     if source == "prior":
         if prior is None:
-            raise ValueError("--conditioning prior needs --prior FILE")
+            raise UserError("conditioning prior needs prior_path (a JSON code-set distribution)")
         distribution = prior_distribution(prior)
     elif source in DP_RELEASES:
         if not train_notes:
-            raise ValueError(f"--conditioning {source} needs the training notes (--run)")
+            raise UserError(f"conditioning {source} needs the training notes (run_dir)")
         if privacy_unit is None:
-            raise ValueError(f"--conditioning {source} is released at the training run's privacy unit, and none was "
+            raise UserError(f"conditioning {source} is released at the training run's privacy unit, and none was "
                              f"given (its {PRIVACY_REPORT} records none)")
         check_privacy_unit(privacy_unit)
         units = count_units(train_notes, privacy_unit)
@@ -192,44 +194,60 @@ def synthesize(
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="merged model folder (generate.merge)")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm", "vllm-server"],
-                        help="auto: the vLLM server when `make vllm` built its environment, else transformers")
-    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="backend option, repeatable (vllm-server: url, concurrency, port, dtype, adapter_dir, "
-                             "max_lora_rank, tensor_parallel_size, enforce_eager, ...)")
-    parser.add_argument("--conditioning", default="dp-marginals", choices=[*DP_RELEASES, "prior"])
-    parser.add_argument("--conditioning-epsilon", type=float, default=1.0)
-    parser.add_argument("--conditioning-delta", type=float)
-    parser.add_argument("--prior", type=Path)
-    parser.add_argument("--run", type=Path, help="training output_dir: its training notes feed the DP histogram")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args(argv)
-    train_notes = None
-    unit = training_report(args.model, args.run).get("privacy_unit")
-    if args.conditioning in DP_RELEASES:
-        if args.run is None:
-            parser.error(f"--conditioning {args.conditioning} needs --run (the training output_dir)")
-        if unit not in PRIVACY_UNITS:
-            parser.error(f"--conditioning {args.conditioning} is released at the training privacy unit, but "
-                         f"{args.model}/{PRIVACY_REPORT} (or the run's) records none")
-        train_notes = RunDir(args.run).training_notes()
-    distribution = conditioning_for(args.out, args.conditioning, train_notes, args.conditioning_epsilon,
-                                    args.conditioning_delta, args.prior, None, privacy_unit=unit)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, batch_size=args.batch_size)
-    options = {}
-    for option in args.backend_option:
-        key, _, value = option.partition("=")
-        options[key] = yaml.safe_load(value)
-    manifest = synthesize(args.model, args.out, args.count, distribution, resolve_backend(args.backend), sampling,
-                          args.seed, backend_options=options, run_dir=args.run)
+@dataclass
+class GenerationConfig:
+    """How notes are generated; also the `generation:` section of a pipeline config."""
+
+    conditioning: Literal["dp-marginals", "dp-histogram", "prior"] = "dp-marginals"
+    conditioning_epsilon: float = 1.0
+    prior_path: str | None = None  # conditioning: prior (a public code-set distribution, JSON)
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    batch_size: int = 16  # transformers backend; vLLM schedules by itself
+    # auto: the vLLM server when `make vllm` built its environment, else transformers.
+    backend: Literal["auto", "transformers", "vllm", "vllm-server"] = "auto"
+    # Keyword options of the backend (vllm-server: url, concurrency, port, dtype, adapter_dir,
+    # max_lora_rank, tensor_parallel_size, enforce_eager, ...).
+    backend_options: dict = field(default_factory=dict)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, batch_size=self.batch_size)
+
+
+@dataclass(kw_only=True)
+class SynthesizeConfig(GenerationConfig):
+    model: str  # a merged model folder (dpnotes merge)
+    output_dir: str
+    run_dir: str | None = None  # the training output_dir: its training notes feed a DP release
+    count: int = 100
+    conditioning_delta: float | None = None  # None: 1 / (10 · privacy units)
+    seed: int = 0
+
+
+def _training_notes(config: SynthesizeConfig, unit: str | None) -> list[Note] | None:
+    """The notes a DP conditioning release is computed from (None for a prior)."""
+    if config.conditioning == "prior":
+        return None
+    if config.run_dir is None:
+        raise UserError(f"conditioning {config.conditioning} needs run_dir (the training output_dir)")
+    if unit not in PRIVACY_UNITS:
+        raise UserError(f"conditioning {config.conditioning} is released at the training privacy unit, but "
+                        f"{config.model}/{PRIVACY_REPORT} (or the run's) records none")
+    return RunDir(Path(config.run_dir)).training_notes()
+
+
+@command
+def main(argv: list[str]) -> None:
+    args = command_parser(SynthesizeConfig, __doc__, prog="dpnotes generate").parse_intermixed_args(argv)
+    config = load(SynthesizeConfig, args.config, args.overrides)
+    model, out = Path(config.model), Path(config.output_dir)
+    run_dir = Path(config.run_dir) if config.run_dir else None
+    unit = training_report(model, run_dir).get("privacy_unit")
+    distribution = conditioning_for(out, config.conditioning, _training_notes(config, unit), config.conditioning_epsilon,
+                                    config.conditioning_delta, Path(config.prior_path) if config.prior_path else None,
+                                    None, privacy_unit=unit)
+    manifest = synthesize(model, out, config.count, distribution, resolve_backend(config.backend), config.sampling(),
+                          config.seed, backend_options=config.backend_options, run_dir=run_dir)
     print(json.dumps(manifest, indent=2))
 
 

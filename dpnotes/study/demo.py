@@ -5,28 +5,33 @@ prompted with the codes' titles and conditioned on DP-released code statistics �
 a DP coder on the real notes, canary exposure, membership inference, leakage → report. Re-running
 skips finished stages and resumes an interrupted one. `make study` runs the full ε grid on three
 corpora (docs/results.md).
+
+    dpnotes demo
+    dpnotes demo --real ../shared/data/mtsamples.csv
+    dpnotes demo train.privacy.steps=6 "epsilons=[8]"
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from dpnotes.study.pipeline import ROOT, Pipeline, load_pipeline_config
+from dpnotes.config import command_parser
+from dpnotes.console import command
+from dpnotes.study.pipeline import ROOT, Pipeline, PipelineConfig, load_pipeline_config
 
 DEMO = ROOT / "dpnotes" / "study" / "configs" / "pipeline_demo.yaml"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+@command
+def main(argv: list[str]) -> None:
+    parser = command_parser(PipelineConfig, __doc__, DEMO, prog="dpnotes demo")
     parser.add_argument("--real", metavar="PATH", help="a real corpus instead of the default (e.g. ../shared/data/mtsamples.csv)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.real:
         # One MTSamples text is its own patient: the sequence is the privacy unit there.
-        overrides = [f"output_dir=runs/demo-real-{Path(args.real).stem}",
-                     f"train_overrides=[corpus={args.real}, privacy.privacy_unit=sequence]", *overrides]
-    report = Pipeline(load_pipeline_config(DEMO, overrides)).run()
+        overrides = [f"output_dir=runs/demo-real-{Path(args.real).stem}", f"train.corpus={args.real}",
+                     "train.privacy.privacy_unit=sequence", *overrides]
+    report = Pipeline(load_pipeline_config(args.config, overrides)).run()
     print(f"\nreport written: {report.resolve()}")
 
 

@@ -1,9 +1,9 @@
 """The privacy–utility study (`make study`): one pipeline per corpus, then docs/results.md.
 
-    python -m dpnotes.study                          # every part of dpnotes/study/configs/study.yaml
-    python -m dpnotes.study --only default           # one part
-    python -m dpnotes.study --stage baselines        # the real and DP coders of every part
-    python -m dpnotes.study --results-only           # rewrite docs/results.md from what has run
+    dpnotes study                          # every part of dpnotes/study/configs/study.yaml
+    dpnotes study --only default           # one part (also: python -m dpnotes.study --only default)
+    dpnotes study --stage baselines        # the real and DP coders of every part
+    dpnotes study --results-only           # rewrite docs/results.md from what has run
 
 Each part is a pipeline run (dpnotes.study.pipeline): generators at their ε grid, DP coders at theirs, or
 only the DP coders (`only: baselines`). Every stage resumes where it stopped, so an interrupted
@@ -12,17 +12,15 @@ target of issue 11 checked against the measured numbers.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from dpnotes.study.pipeline import ROOT, STAGES, Pipeline, PipelineConfig, load_pipeline_config, log, read_json
+from dpnotes.config import Origin, command_parser, dotted_keys, load, merge, read_yaml
+from dpnotes.console import command
+from dpnotes.study.pipeline import ROOT, STAGES, Pipeline, PipelineConfig, log, pipeline_config, read_json
 from dpnotes.study.report import collect, dp_coder_sweeps, epsilon_label
 
 STUDY = ROOT / "dpnotes" / "study" / "configs" / "study.yaml"
@@ -33,7 +31,7 @@ class StudyPart:
     config: str  # a pipeline config
     title: str = ""
     only: str | None = None  # a pipeline stage, e.g. "baselines" for DP coders alone
-    overrides: list[str] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)  # pipeline settings over the config's
     targets: dict = field(default_factory=dict)  # see check_targets
 
 
@@ -44,15 +42,15 @@ class StudyConfig:
     parts: dict[str, StudyPart] = field(default_factory=dict)
 
 
-def load_study_config(path: Path) -> StudyConfig:
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    parts = {name: StudyPart(**part) for name, part in (values.pop("parts", None) or {}).items()}
-    return StudyConfig(**values, parts=parts)
+def load_study_config(path: Path, overrides: list[str] = ()) -> StudyConfig:
+    return load(StudyConfig, path, overrides)
 
 
 def part_pipeline(study: StudyConfig, name: str) -> PipelineConfig:
     part = study.parts[name]
-    return load_pipeline_config(ROOT / part.config, [*part.overrides, f"output_dir={Path(study.output_dir) / name}"])
+    path = ROOT / part.config
+    values = merge(read_yaml(path), part.overrides, {"output_dir": str(Path(study.output_dir) / name)})
+    return pipeline_config(values, Origin(str(path), dotted_keys(part.overrides), f"the overrides of study part {name}"))
 
 
 # ---- numbers -------------------------------------------------------------------------------------
@@ -172,14 +170,14 @@ def write_results(study: StudyConfig, seconds: dict[str, float]) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(STUDY))
+@command
+def main(argv: list[str]) -> None:
+    parser = command_parser(StudyConfig, __doc__, STUDY, prog="dpnotes study")
     parser.add_argument("--only", action="append", help="run these parts only (repeatable)")
     parser.add_argument("--stage", choices=STAGES, help="run this pipeline stage only (e.g. baselines: the DP coders)")
     parser.add_argument("--results-only", action="store_true", help="rewrite the results file from finished work")
-    args = parser.parse_args(argv)
-    study = load_study_config(Path(args.config))
+    args = parser.parse_intermixed_args(argv)
+    study = load_study_config(args.config, args.overrides)
     unknown = set(args.only or []) - set(study.parts)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; the study has {sorted(study.parts)}")
@@ -201,4 +199,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,8 +1,9 @@
 """The whole study in one command: for each ε of a sweep, train → merge → generate → evaluate,
 then one report (privacy–utility trade-off) locally and to W&B.
 
-    python -m dpnotes.study.pipeline --config dpnotes/study/configs/pipeline_demo.yaml
-    python -m dpnotes.study.pipeline --config dpnotes/study/configs/pipeline_demo.yaml --only train --epsilon 8
+    dpnotes pipeline --config dpnotes/study/configs/pipeline_demo.yaml
+    dpnotes pipeline --config dpnotes/study/configs/pipeline_demo.yaml --only train --epsilon 8
+    python -m dpnotes.study.pipeline --config dpnotes/study/configs/pipeline_demo.yaml train.privacy.steps=6
 
 Every stage writes its outputs with the hash of what determined them and is skipped when they
 exist for the same hash; training resumes from its last checkpoint (same ε accounting), and
@@ -11,7 +12,6 @@ generation resumes without duplicates. With `launcher:` set, training runs under
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import importlib.util
@@ -19,23 +19,25 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_with_overrides, read_yaml
+from dpnotes.console import command
 from dpnotes.corpus import Note, load_configured_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
+from dpnotes.evaluation.cli import DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
-from dpnotes.generation.backends import SamplingConfig, resolve_backend
+from dpnotes.generation.backends import resolve_backend
 from dpnotes.generation.merge import merge_run
-from dpnotes.generation.synthesize import conditioning_for, read_done, synthesize
+from dpnotes.generation.synthesize import GenerationConfig, conditioning_for, read_done, synthesize
 from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag
 from dpnotes.study.report import write_report
-from dpnotes.training.config import TrainConfig, _build, _merge, load_config, parse_overrides
+from dpnotes.training.config import TrainConfig
 from dpnotes.training.recipe import train
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipe scripts and their configs
@@ -45,25 +47,17 @@ STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
 @dataclass
 class PipelineConfig:
     output_dir: str = "runs/demo"
-    train_config: str = "train/configs/demo_smollm2.yaml"
-    train_overrides: list[str] = field(default_factory=list)
+    train_config: str = "train/configs/demo_smollm2.yaml"  # relative paths: to the checkout if not found here
+    train: dict = field(default_factory=dict)  # settings over train_config's, e.g. {privacy: {steps: 12}}
     epsilons: list[float] = field(default_factory=lambda: [8.0, math.inf])
     launcher: str | None = None  # accelerate config file for multi-process training
     # Synthetic notes per ε: synthetic_count, else synthetic_per_label × the public label space (a coder
     # needs examples of every label; CMC-2007 has 45 codes, the default corpus 21).
     synthetic_count: int | None = None
     synthetic_per_label: int = 10
-    conditioning: str = "dp-marginals"  # or "dp-histogram" (whole code sets; large corpora), "prior" (prior_path)
-    conditioning_epsilon: float = 1.0
-    prior_path: str | None = None
-    max_new_tokens: int = 160
-    temperature: float = 0.8
-    generation_batch_size: int = 16
-    # "auto": the vLLM server when `make vllm` built its environment, else transformers; or one of
-    # generate.backends ("transformers", "vllm-server", "vllm"). generation_options go to the backend
-    # (vllm-server: url, concurrency, port, dtype, adapter_dir, max_lora_rank, enforce_eager, ...).
-    generation_backend: str = "auto"
-    generation_options: dict = field(default_factory=dict)
+    # The settings of `dpnotes generate` (conditioning: dp-marginals, dp-histogram for whole code sets
+    # on large corpora, or prior with prior_path).
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     mia_notes: int = 100  # members and as many non-members
     canary_candidates: int = 500
     bootstrap: int = 200
@@ -71,7 +65,8 @@ class PipelineConfig:
     # "probe", "lora"), each at dp_coder_epsilons (None: the generator's epsilons).
     dp_coders: list[str] = field(default_factory=lambda: ["hashed"])
     dp_coder_epsilons: list[float] | None = None
-    dp_coder_options: dict = field(default_factory=dict)  # coder kind -> keyword options of its coder
+    # coder kind -> its settings, named as in `dpnotes eval dp-classifier` (unset: the coder's defaults)
+    dp_coder_options: dict[str, DPCoderSettings] = field(default_factory=dict)
     dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     report_to: str = "wandb"
 
@@ -111,10 +106,10 @@ class Pipeline:
 
     # ---- per-ε configuration -------------------------------------------------------------------
     def train_config(self, epsilon: float) -> TrainConfig:
-        overrides = [*self.config.train_overrides, f"privacy.target_epsilon={epsilon}",
-                     f"output_dir={self.run_dir(epsilon).root}", f"report_to={self.config.report_to}"]
-        return load_config(ROOT / self.config.train_config if not Path(self.config.train_config).exists()
-                           else self.config.train_config, overrides)
+        path = train_config_path(self.config)
+        per_epsilon = {"privacy": {"target_epsilon": epsilon}, "output_dir": str(self.run_dir(epsilon).root),
+                       "report_to": self.config.report_to}
+        return build(TrainConfig, merge(read_yaml(path), self.config.train, per_epsilon), str(path))
 
     def run_dir(self, epsilon: float) -> RunDir:
         return RunDir(self.root / epsilon_tag(epsilon))
@@ -147,7 +142,7 @@ class Pipeline:
         if self.config.launcher:
             config_file = self.run_dir(epsilon).root / "train_config.yaml"
             config_file.parent.mkdir(parents=True, exist_ok=True)
-            config_file.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(config), default=str))))
+            config_file.write_text(yaml.safe_dump(as_dict(config)))
             subprocess.run(["accelerate", "launch", "--config_file", self.config.launcher,
                             str(ROOT / "train" / "dp_lora.py"), "--config", str(config_file)], check=True)
             return read_json(self.run_dir(epsilon).privacy_report)
@@ -165,20 +160,20 @@ class Pipeline:
     def generation_inputs(self, epsilon: float) -> dict:
         """What the synthetic notes of ε depend on: the trained weights, the conditioning release,
         sampling and the backend (each writes other notes). A change regenerates them."""
-        c = self.config
+        g = self.config.generation
         trained = read_json(self.run_dir(epsilon).privacy_report) or {}
-        backend = resolve_backend(c.generation_backend)
-        prior = Path(c.prior_path) if c.prior_path else None
+        backend = resolve_backend(g.backend)
+        prior = Path(g.prior_path) if g.prior_path else None
         return {"training": trained.get("config_hash"), "count": self.synthetic_count,
-                "conditioning": c.conditioning, "conditioning_epsilon": c.conditioning_epsilon,
-                "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and c.conditioning == "prior" else None,
-                "max_new_tokens": c.max_new_tokens, "temperature": c.temperature, "backend": backend,
+                "conditioning": g.conditioning, "conditioning_epsilon": g.conditioning_epsilon,
+                "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and g.conditioning == "prior" else None,
+                "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "backend": backend,
                 # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
-                "batch_size": c.generation_batch_size if backend == "transformers" else None}
+                "batch_size": g.batch_size if backend == "transformers" else None}
 
     def generate(self, epsilon: float) -> dict:
 
-        c = self.config
+        g = self.config.generation
         out = self.run_dir(epsilon).synthetic
         inputs = self.generation_inputs(epsilon)
         key = digest(inputs)
@@ -194,18 +189,17 @@ class Pipeline:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / GENERATION_INPUTS).write_text(json.dumps({"key": key, "inputs": inputs}, indent=2))
-        train_notes = self.splits["train"] if c.conditioning != "prior" else None
+        train_notes = self.splits["train"] if g.conditioning != "prior" else None
         unit = (read_json(self.run_dir(epsilon).privacy_report) or {}).get("privacy_unit")
         # The conditioning is released at the training unit.
-        distribution = conditioning_for(out, c.conditioning, train_notes, c.conditioning_epsilon, None,
-                                        Path(c.prior_path) if c.prior_path else None, None, privacy_unit=unit)
-        sampling = SamplingConfig(c.max_new_tokens, c.temperature, batch_size=c.generation_batch_size)
+        distribution = conditioning_for(out, g.conditioning, train_notes, g.conditioning_epsilon, None,
+                                        Path(g.prior_path) if g.prior_path else None, None, privacy_unit=unit)
         log(f"generate {epsilon_tag(epsilon)}: {inputs['count']} notes with {inputs['backend']}")
-        options = dict(c.generation_options)
+        options = dict(g.backend_options)
         if inputs["backend"] == "vllm-server" and "url" not in options:
             options.setdefault("server_log", str(out / "vllm_server.log"))  # kept beside the notes it wrote
         return synthesize(self.run_dir(epsilon).merged, out, inputs["count"], distribution, inputs["backend"],
-                          sampling, seed=0, backend_options=options)
+                          g.sampling(), seed=0, backend_options=options)
 
     def evaluate(self, epsilon: float) -> dict:
         run = self.run_dir(epsilon)
@@ -249,7 +243,7 @@ class Pipeline:
                                        lambda: real_coder_baseline(self.splits, c.bootstrap))}
         sweeps = {}
         for coder in c.dp_coders:
-            options = c.dp_coder_options.get(coder, {})
+            options = c.dp_coder_options.get(coder, DPCoderSettings()).coder_options()
             by_epsilon = {}
             for epsilon in c.dp_coder_epsilons or c.epsilons:
                 tag = format_epsilon(epsilon)
@@ -281,22 +275,35 @@ class Pipeline:
         return None
 
 
+def train_config_path(config: PipelineConfig) -> Path:
+    path = Path(config.train_config)
+    return path if path.exists() else ROOT / path
+
+
+def pipeline_config(values: dict, origin: Origin | str) -> PipelineConfig:
+    """A PipelineConfig whose `train` settings are checked against TrainConfig before any stage runs."""
+    config = build(PipelineConfig, values, origin)
+    path = train_config_path(config)  # each checked now, not after hours of other stages
+    build(TrainConfig, read_yaml(path), str(path))
+    build(TrainConfig, config.train, origin, "train.")
+    return config
+
+
 def load_pipeline_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
-    return _build(PipelineConfig, _merge(values or {}, parse_overrides(list(overrides))), "pipeline")
+    return pipeline_config(*read_with_overrides(path, overrides))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "dpnotes" / "study" / "configs" / "pipeline_demo.yaml"))
+@command
+def main(argv: list[str]) -> None:
+    parser = command_parser(PipelineConfig, __doc__, ROOT / "dpnotes" / "study" / "configs" / "pipeline_demo.yaml",
+                            prog="dpnotes pipeline")
     parser.add_argument("--only", choices=STAGES, help="run one stage")
     parser.add_argument("--epsilon", type=float, action="append", help="restrict to these ε (repeatable)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     report = Pipeline(load_pipeline_config(args.config, args.overrides)).run(args.only, args.epsilon)
     if report:
         print(f"\nreport: {report}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

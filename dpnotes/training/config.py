@@ -1,17 +1,14 @@
-"""Run configuration: dataclasses filled from a YAML file, then `key.sub=value` overrides."""
+"""The training run's settings (dpnotes.config: a YAML file, then `key.sub=value` overrides)."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from dpnotes.config import as_dict, load
 from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.privacy.engine import PrivacyConfig
 from dpnotes.training.model_setup import TrainableConfig
@@ -48,64 +45,9 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping")
-        return _build(annotation, value, where)
-    if value is None:
-        return None
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        non_null = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _coerce(value, non_null[0], where)
-    if annotation is float:
-        if isinstance(value, str) and value.lower() in ("inf", "infinity", ".inf"):
-            return float("inf")
-        return float(value)
-    if annotation is int and not isinstance(value, bool):
-        return int(value)
-    return value
-
-
-def _build(cls: type, values: dict, where: str = "config"):
-    hints = _field_types(cls)
-    unknown = set(values) - set(hints)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(hints)}")
-    return cls(**{key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()})
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        dotted, raw = item.split("=", 1)
-        target = nested
-        *parents, leaf = dotted.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(raw)
-    return nested
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
-    return _build(TrainConfig, _merge(values or {}, parse_overrides(list(overrides))))
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    return load(TrainConfig, path, overrides)
 
 
 def config_dict(config: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-
+    return as_dict(config)
