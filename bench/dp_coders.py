@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from dpnotes.evaluation.cli import _jsonable, parse_options
+from dpnotes.config import parse_overrides
+from dpnotes.evaluation.cli import _jsonable
 from dpnotes.evaluation.coders import TfidfCoder, evaluate_coder
 from dpnotes.evaluation.dp_sweep import DP_CODERS, dp_epsilon_sweep, parse_epsilon
 
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = parse_options(args.set)
+    options = parse_overrides(args.set or [])
     if args.feature_cache:
         if args.coder != "probe":
             parser.error("--feature-cache is for --coder probe")

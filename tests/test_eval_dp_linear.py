@@ -1,6 +1,7 @@
 """DP linear coders (hashed n-grams, frozen-encoder probe): privacy bookkeeping, public labels,
 patient units, learning without noise, the sweep and CLI dispatch."""
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoTokenizer
 
 from dpnotes.corpus import Note, generate_default_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.evaluation.cli import build_parser, main
+from dpnotes.evaluation.cli import DPClassifierConfig, main
 from dpnotes.evaluation.coders import EvalInputError, evaluate_coder
 from dpnotes.evaluation.dp_sweep import DP_CODERS, dp_epsilon_sweep
 from dpnotes.evaluation.dp_linear import DPLinearCoder, FrozenEncoderFeatures, HashedNgramFeatures
@@ -115,11 +116,10 @@ def test_sweep_dispatches_to_the_linear_coders(splits):
 
 
 def test_cli_coder_option(capsys):
-    choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["dp-classifier"]._actions
-                   if a.dest == "coder")
-    assert tuple(choices) == tuple(DP_CODERS)
-    base = ["dp-classifier", "--corpus", "default", "--option", "n_patients=80", "--epsilons", "1", "--bootstrap", "0"]
-    assert main([*base, "--coder", "hashed", "--steps", "5", "--batch-size", "16"]) == 0
+    assert typing.get_args(typing.get_type_hints(DPClassifierConfig)["coder"]) == tuple(DP_CODERS)
+    base = ["dp-classifier", "corpus=default", "reader_options.n_patients=80", "epsilons=[1]", "bootstrap=0"]
+    main([*base, "coder=hashed", "steps=5", "expected_batch_size=16"])
     assert "DP hashed coder" in capsys.readouterr().out
-    assert main([*base, "--coder", "hashed", "--model", "minilm"]) == 2
-    assert "--coder hashed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main([*base, "coder=hashed", "model=minilm"])
+    assert exit.value.code == 2 and "coder hashed has none" in capsys.readouterr().err

@@ -8,6 +8,8 @@ Re-running with the same output_dir resumes from its last checkpoint.
 from dpnotes.config import command_parser
 from dpnotes.console import command
 from dpnotes.training.config import TrainConfig, load_config
+from dpnotes.training.memory_plan import dry_run
+from dpnotes.training.recipe import train
 
 
 @command
@@ -19,10 +21,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_intermixed_args(argv)
     config = load_config(args.config, args.overrides)
     if args.dry_run:
-        from dpnotes.training.memory_plan import dry_run
-
         print(dry_run(config, gpus=args.gpus, zero=args.zero))
         return
-    from dpnotes.training.recipe import train  # torch, transformers: not needed for --help or --dry-run
-
     train(config)
