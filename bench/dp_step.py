@@ -77,20 +77,20 @@ def make_step(variant, model, optimizer, batch):
     if variant == "nonprivate":
         return mean_loss_step(model, optimizer, batch)
     if variant.startswith("dpnotes"):
+        from dpnotes.privacy.backends import ReplicatedBackend
         from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
         from dpnotes.privacy.losses import causal_lm_losses
 
+        # q = 1 and one micro-batch: every step's logical batch is the whole batch, as for the others.
         config = PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size, steps=10**6,
                                clipping=variant.split("_")[1], micro_batch_size=batch_size, seed=0)
         engine = PrivacyEngine(model, config, num_units=batch_size)
+        backend = ReplicatedBackend(model, optimizer)
 
-        def step():
-            engine.clip_accumulate(model, causal_lm_losses, batch)
-            engine.privatize_gradients()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        def fetch(indices):
+            return {k: v[indices] for k, v in batch.items()}
 
-        return step
+        return lambda: engine.step(backend, fetch, causal_lm_losses)
     return make_opacus_step(variant, model, optimizer, batch)
 
 

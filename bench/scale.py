@@ -28,32 +28,27 @@ CPU_CONFIGS = {"zero2": "accelerate_configs/zero2_cpu_2proc.yaml", "zero3": "acc
 def worker(args) -> None:
     import torch
 
-    from dpnotes.models import load_causal_lm
+    from dpnotes.privacy.deepspeed import DeepSpeedBackend, zero_stage
     from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
     from dpnotes.privacy.losses import causal_lm_losses
     from dpnotes.privacy.randomness import stream
-    from dpnotes.privacy.deepspeed import DeepSpeedDPStep, all_reduce_max, is_deepspeed, prepare_deepspeed, zero_stage
-    from dpnotes.training.model_setup import TrainableConfig, prepare_trainable
-    from dpnotes.training.recipe import make_accelerator
     from dpnotes.training.config import TrainConfig
+    from dpnotes.training.model_setup import TrainableConfig
+    from dpnotes.training.setup import load_model, make_accelerator, make_backend, make_optimizer
 
-    config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none")
-    accelerator = make_accelerator(config)
-    assert is_deepspeed(accelerator), "launch with a DeepSpeed accelerate config"
-    rank, world = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(0)
-    model, _ = load_causal_lm(args.model)
-    model = prepare_trainable(model, TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"])).to(accelerator.device)
-    model.train()
     units = 512
     privacy = PrivacyConfig(
         target_epsilon=float("inf"), noise_multiplier=1.0, expected_batch_size=args.batch, steps=10**6,
         micro_batch_size=args.micro_batch, clipping="ghost", seed=0,
     )
+    config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none", learning_rate=1e-4,
+                         trainable=TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"]), privacy=privacy)
+    accelerator = make_accelerator(config)
+    model, _ = load_model(config, accelerator.device)
     engine = PrivacyEngine(model, privacy, units)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ds_model, noisy = prepare_deepspeed(accelerator, model, optimizer, args.micro_batch)
-    dp = DeepSpeedDPStep(engine, ds_model, model, noisy)
+    backend = make_backend(accelerator, model, make_optimizer(model, config), privacy.micro_batch_size)
+    assert isinstance(backend, DeepSpeedBackend), "launch with a DeepSpeed accelerate config"
+    ds_model = backend.ds_engine
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, vocab, (units, args.seq), generator=gen)
@@ -63,19 +58,20 @@ def worker(args) -> None:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
     def nonprivate_step():
-        local = list(engine.micro_batches(rank, world))
-        count = max(all_reduce_max(len(local)), 1)
+        """The DP step's micro-batches (and padding), without norm pass, coefficients or noise."""
+        local = list(engine.micro_batches(backend.rank, backend.world_size))
+        count = backend.micro_batch_count(len(local))
         for k in range(count):
             indices = local[k][0] if k < len(local) else [0]
             ds_model.set_gradient_accumulation_boundary(k == count - 1)
             losses = causal_lm_losses(ds_model, fetch(indices))
             ds_model.backward(losses.mean() * (0.0 if k >= len(local) else 1.0), scale_wrt_gas=False)
-        noisy.arm(0.0, stream(0, 0))  # σ = 0: nothing is drawn
+        backend.optimizer.arm(0.0, stream(0, 0))  # σ = 0: nothing is drawn
         ds_model.step()
-        noisy.disarm()
+        backend.optimizer.disarm()
 
     def dp_step():
-        dp.step(fetch, causal_lm_losses, rank, world)
+        engine.step(backend, fetch, causal_lm_losses)
 
     times = {"nonprivate": [], "dp": []}
     for step in range(args.warmup + args.steps):
@@ -89,7 +85,7 @@ def worker(args) -> None:
             torch.distributed.barrier()
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    if rank == 0:
+    if backend.rank == 0:
         non, dpt = statistics.median(times["nonprivate"]), statistics.median(times["dp"])
         print(f"RESULT zero{zero_stage(accelerator)} nonprivate {non:.4f} s/step dp {dpt:.4f} s/step ratio {dpt / non:.2f}", flush=True)
 

@@ -2,6 +2,7 @@
 
 DPNOTES_TEST_KILL_AFTER_STEP=k  hard-exits every rank (os._exit, no cleanup, no final save) as soon
 as the checkpoint of step k (or later) is written: a kill between steps. The next launch resumes from `latest`.
+(The train loop calls recipe.save_checkpoint, which is what gets wrapped.)
 """
 import os
 import runpy

@@ -9,6 +9,7 @@ from torch import nn
 from dpnotes.testing.dp_oracle import clipped_sum_reference, per_example_gradients
 from dpnotes.testing.tiny_models import random_batch, tiny_llama
 from dpnotes.privacy.accounting import compute_epsilon
+from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
 from dpnotes.privacy.losses import causal_lm_losses
 from dpnotes.privacy.randomness import SecretKeys
@@ -50,7 +51,7 @@ def test_noise_std_on_the_update_is_sigma_c_over_expected_batch():
     model = nn.Linear(100, 100)
     config = PrivacyConfig(noise_multiplier=1.3, max_grad_norm=0.7, expected_batch_size=5, steps=1, seed=0)
     engine = PrivacyEngine(model, config, num_units=50, examples_of_unit=None)
-    engine.privatize_gradients()  # nothing accumulated: the gradient is pure noise
+    ReplicatedBackend(model).noise_and_step(engine)  # nothing clipped: the gradient is pure noise
     noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     expected = 1.3 * 0.7 / 5
     assert noise.std().item() == pytest.approx(expected, rel=0.03)
@@ -61,7 +62,7 @@ def test_without_noise_the_gradient_is_the_clipped_sum_over_expected_batch():
     model = lora_llama()
     config = PrivacyConfig(noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=8, steps=1, micro_batch_size=3, seed=4)
     engine = PrivacyEngine(model, config, num_units=40)
-    engine.private_gradients(model, fetch, causal_lm_losses)
+    engine.step(ReplicatedBackend(model), fetch, causal_lm_losses)
     ours = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
 
     indices = engine.sampler.sample(0).tolist()
@@ -75,9 +76,10 @@ def test_calibrated_run_stops_at_budget_and_reports_epsilon():
     model = lora_llama()
     engine = PrivacyEngine(model, config, num_units=40)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    backend = ReplicatedBackend(model, optimizer)
     epsilons = []
     while engine.budget_allows_step():
-        epsilons.append(engine.step(model, optimizer, fetch, causal_lm_losses).epsilon)
+        epsilons.append(engine.step(backend, fetch, causal_lm_losses).epsilon)
     assert len(epsilons) == 5
     assert epsilons == sorted(epsilons)
     assert epsilons[-1] <= 3.0
@@ -100,8 +102,9 @@ def test_bad_privacy_parameters_fail_before_any_work(overrides, message):
 
 
 def run(steps, model, optimizer, engine):
+    backend = ReplicatedBackend(model, optimizer)
     for _ in range(steps):
-        engine.step(model, optimizer, fetch, causal_lm_losses)
+        engine.step(backend, fetch, causal_lm_losses)
 
 
 def fresh(seed=7):
@@ -141,7 +144,7 @@ def test_patient_unit_engine_clips_per_patient():
     config = PrivacyConfig(noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=5, steps=1,
                            micro_batch_size=4, privacy_unit="patient", seed=0)
     engine = PrivacyEngine(model, config, num_units=5, examples_of_unit=patients)  # q = 1: every patient
-    engine.private_gradients(model, fetch, causal_lm_losses)
+    engine.step(ReplicatedBackend(model), fetch, causal_lm_losses)
     ours = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
     owner = torch.tensor([u for u, members in enumerate(patients) for _ in members])
     per_example = per_example_gradients(model, causal_lm_losses, fetch(list(range(12))))
@@ -162,7 +165,7 @@ def test_bf16_sums_and_noise_are_fp32_and_cast_once(mode, sigma):
     config = PrivacyConfig(noise_multiplier=sigma, max_grad_norm=10.0, expected_batch_size=64, steps=1,
                            micro_batch_size=1, clipping=mode, seed=1)
     engine = PrivacyEngine(model, config, num_units=64)  # q = 1: every row, one per micro-batch
-    engine.private_gradients(model, lambda i: {"x": rows[i].to(torch.bfloat16)}, lambda m, b: m(b["x"]).sum(dim=1))
+    engine.step(ReplicatedBackend(model), lambda i: {"x": rows[i].to(torch.bfloat16)}, lambda m, b: m(b["x"]).sum(dim=1))
     total = rows.sum(dim=0, keepdim=True)
     noise = gaussian(stream(engine.keys.noise, 0), (1, 4)) * sigma * 10.0 if sigma else 0.0
     expected = ((total + noise) / 64).to(torch.bfloat16)

@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
-from dpnotes.training.recipe import RUN_STAMP, CheckpointError, latest_checkpoint, train
+from dpnotes.training.checkpoints import RUN_STAMP, CheckpointError, latest_checkpoint
+from dpnotes.training.recipe import train
 from dpnotes.training.config import load_config
 
 CONFIG = "train/configs/tiny_test.yaml"

@@ -114,6 +114,7 @@ class DPCoder(Coder):
     def _train_private(self, model: nn.Module, fetch: Callable[[list[int]], dict], loss_fn, train: Sequence[Note],
                        optimizer: torch.optim.Optimizer) -> None:
         """DP training of `model`'s trainable parameters at the target ε; sets `privacy_`."""
+        from dpnotes.privacy.backends import ReplicatedBackend
         from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
 
         examples_of_unit, num_units = self._units(train)
@@ -125,12 +126,13 @@ class DPCoder(Coder):
         )
         model.train()
         engine = PrivacyEngine(model, config, num_units, examples_of_unit)
+        backend = ReplicatedBackend(model, optimizer)
         started = time.perf_counter()
         losses = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # dropout masks: public randomness, like initialisation
             while engine.budget_allows_step():
-                stats = engine.step(model, optimizer, fetch, loss_fn)
+                stats = engine.step(backend, fetch, loss_fn)
                 if stats.examples:
                     losses.append(stats.loss_sum / stats.examples)
                 if engine.steps_taken % 10 == 0:

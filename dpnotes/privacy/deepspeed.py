@@ -1,4 +1,6 @@
-"""DP-SGD under DeepSpeed ZeRO-1/2/3 (see shared docs/dp-under-zero.md for the traps).
+"""DP-SGD under DeepSpeed ZeRO-1/2/3 (see shared docs/dp-under-zero.md for the traps): the
+`DeepSpeedBackend` of `PrivacyEngine.step`, which samples, pads and accounts; this module does the
+clip and noise parts of the step the way DeepSpeed needs them.
 
 One logical step, on every rank:
 
@@ -31,14 +33,14 @@ replicated noise (one stream, the same on every rank) is the right scheme for re
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dpnotes.privacy.engine import LossFn, PrivacyEngine, StepStats
+from dpnotes.privacy.clipping import ClipResult
+from dpnotes.privacy.engine import LossFn, MicroBatch, PrivacyEngine
 from dpnotes.privacy.randomness import collective_device, gaussian, stream
 
 
@@ -115,44 +117,6 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
         self.base.load_state_dict(state_dict)
 
 
-def prepare_deepspeed(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int):
-    """Wrap `optimizer` in the noise optimizer and hand both to DeepSpeed through accelerate.
-    Returns (DeepSpeed engine, noise optimizer)."""
-    plugin = accelerator.state.deepspeed_plugin
-    ds_config = plugin.deepspeed_config
-    zero = ds_config.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    if stage not in (1, 2, 3):
-        raise ValueError(
-            f"DP under DeepSpeed needs ZeRO stage 1, 2 or 3 (got {stage}): with replicated gradients use the "
-            "DDP-style path (accelerate MULTI_GPU / MULTI_CPU), whose replicated noise is correct for replicas"
-        )
-    if ds_config.get("optimizer") or ds_config.get("scheduler"):
-        raise ValueError("the DeepSpeed config must not define optimizer/scheduler: dpnotes owns the DP step")
-    clip = ds_config.get("gradient_clipping", 0)
-    if clip not in (0, 0.0, "auto"):
-        raise ValueError("set gradient_clipping to 0: per-example DP clipping replaces it")
-    ds_config["gradient_clipping"] = 0.0
-    ds_config.setdefault("zero_allow_untested_optimizer", True)
-    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
-    if ds_config.get("gradient_accumulation_steps", "auto") == "auto":
-        ds_config["gradient_accumulation_steps"] = 1
-    if ds_config.get("train_batch_size", "auto") == "auto":
-        ds_config["train_batch_size"] = (
-            ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"] * accelerator.num_processes
-        )
-    noisy = optimizer if isinstance(optimizer, ZeroNoiseOptimizer) else ZeroNoiseOptimizer(optimizer)
-    ds_model, _ = accelerator.prepare(model, noisy)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    partitioned = sum(1 for p in trainable if hasattr(p, "ds_shape") and p.numel() != p.ds_numel)
-    accelerator.print(
-        f"DeepSpeed ZeRO-{stage}: {partitioned}/{len(trainable)} trainable tensors partitioned; DP noise added "
-        "once per coordinate on each rank's fp32 partition"
-    )
-    return ds_model, noisy
-
-
 def zero_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -178,75 +142,101 @@ def all_reduce_max(value: int) -> int:
     return int(box.item())
 
 
-class DeepSpeedDPStep:
-    """Runs PrivacyEngine's logical steps through a DeepSpeed engine (ZeRO-1/2/3)."""
+class DeepSpeedBackend:
+    """Clip and noise of PrivacyEngine.step through a DeepSpeed engine (ZeRO-1/2/3)."""
 
-    def __init__(self, engine: PrivacyEngine, ds_engine, module: nn.Module, optimizer: ZeroNoiseOptimizer):
-        self.engine = engine
+    def __init__(self, ds_engine, module: nn.Module, optimizer: ZeroNoiseOptimizer, rank: int, world_size: int):
         self.ds_engine = ds_engine
         self.module = module  # the unwrapped model, for the norm pass
         self.optimizer = optimizer
-        self.expected_batch = engine.sample_rate * engine.num_units
+        self.rank = rank
+        self.world_size = world_size
 
-    @property
-    def noise_std(self) -> float:
-        """Std of the noise on each coordinate of the final (averaged) gradient: σC / B_exp."""
-        return self.engine.noise.std / self.expected_batch
+    @classmethod
+    def prepare(cls, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int):
+        """Wrap `optimizer` in the noise optimizer and hand both to DeepSpeed through accelerate."""
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = zero_stage(accelerator)
+        if stage not in (1, 2, 3):
+            raise ValueError(
+                f"DP under DeepSpeed needs ZeRO stage 1, 2 or 3 (got {stage}): with replicated gradients use the "
+                "DDP-style path (accelerate MULTI_GPU / MULTI_CPU), whose replicated noise is correct for replicas"
+            )
+        if ds_config.get("optimizer") or ds_config.get("scheduler"):
+            raise ValueError("the DeepSpeed config must not define optimizer/scheduler: dpnotes owns the DP step")
+        clip = ds_config.get("gradient_clipping", 0)
+        if clip not in (0, 0.0, "auto"):
+            raise ValueError("set gradient_clipping to 0: per-example DP clipping replaces it")
+        ds_config["gradient_clipping"] = 0.0
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        if ds_config.get("gradient_accumulation_steps", "auto") == "auto":
+            ds_config["gradient_accumulation_steps"] = 1
+        if ds_config.get("train_batch_size", "auto") == "auto":
+            ds_config["train_batch_size"] = (
+                ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"] * accelerator.num_processes
+            )
+        noisy = optimizer if isinstance(optimizer, ZeroNoiseOptimizer) else ZeroNoiseOptimizer(optimizer)
+        ds_model, _ = accelerator.prepare(model, noisy)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        partitioned = sum(1 for p in trainable if hasattr(p, "ds_shape") and p.numel() != p.ds_numel)
+        accelerator.print(
+            f"DeepSpeed ZeRO-{stage}: {partitioned}/{len(trainable)} trainable tensors partitioned; DP noise added "
+            "once per coordinate on each rank's fp32 partition"
+        )
+        return cls(ds_model, model, noisy, accelerator.process_index, accelerator.num_processes)
 
-    def step(self, fetch: Callable[[list[int]], dict], loss_fn: LossFn, rank: int, world_size: int) -> StepStats:
-        engine, ds = self.engine, self.ds_engine
-        local = list(engine.micro_batches(rank, world_size))
+    def micro_batch_count(self, local: int) -> int:
         # At least one (zero-weight) pass even for an empty logical batch: the noise step still runs.
-        count = max(all_reduce_max(len(local)), 1)
-        scale = world_size / self.expected_batch
-        examples = units = clipped = tokens = 0
-        loss_sum = 0.0
-        for k in range(count):
-            real = k < len(local)
-            indices, group_index = local[k] if real else ([0], None)
-            batch = fetch(indices)
-            ds.set_gradient_accumulation_boundary(k == count - 1)
-            # The norm pass is its own forward through the unwrapped module: DeepSpeed 0.19 hooks
-            # the engine forward's graph, and any backward through it (even autograd.grad to the
-            # layer outputs) runs its reduction epilogue (ZeRO-2: IndexError in reduce_ipg_grads).
-            # The RNG is rewound so that both forwards draw the same dropout masks.
-            with _same_randomness():
-                with engine.clipper.recording(len(indices)):
-                    norm_losses = loss_fn(self.module, batch)
-                result = engine.clipper.coefficients(norm_losses, group_index)
-            losses = loss_fn(ds, batch)
-            coef = result.coefficients if group_index is None else result.coefficients[group_index.to(result.coefficients.device)]
-            if not real:
-                coef = torch.zeros_like(coef)
-            weighted = (losses * coef.to(device=losses.device, dtype=losses.dtype)).sum() * scale
-            ds.backward(weighted, scale_wrt_gas=False)
-            if real:
-                examples += len(indices)
-                units += len(result.norms)
-                clipped += result.clipped_count
-                loss_sum += float(losses.detach().sum())
-                if "attention_mask" in batch:
-                    tokens += int(batch["attention_mask"].sum())
-        # Each rank noises its own partition from its own stream of this step.
-        self.optimizer.arm(self.noise_std, stream(engine.noise.key, engine.steps_taken, rank))
+        return max(all_reduce_max(local), 1)
+
+    def clip(self, engine: PrivacyEngine, loss_fn: LossFn, micro: MicroBatch) -> tuple[torch.Tensor, ClipResult]:
+        ds = self.ds_engine
+        ds.set_gradient_accumulation_boundary(micro.last)
+        # The norm pass is its own forward through the unwrapped module: DeepSpeed 0.19 hooks
+        # the engine forward's graph, and any backward through it (even autograd.grad to the
+        # layer outputs) runs its reduction epilogue (ZeRO-2: IndexError in reduce_ipg_grads).
+        # The RNG is rewound so that both forwards draw the same dropout masks.
+        with _same_randomness():
+            with engine.clipper.recording(micro.size):
+                norm_losses = loss_fn(self.module, micro.batch)
+            result = engine.clipper.coefficients(norm_losses, micro.group_index)
+        losses = loss_fn(ds, micro.batch)
+        group_index = micro.group_index
+        coef = result.coefficients if group_index is None else result.coefficients[group_index.to(result.coefficients.device)]
+        if micro.padding:
+            coef = torch.zeros_like(coef)
+        # DeepSpeed averages over the W ranks: (W / B_exp) · Σ c_i L_i reduces to Σ c_i g_i / B_exp.
+        scale = self.world_size / engine.expected_batch_size
+        weighted = (losses * coef.to(device=losses.device, dtype=losses.dtype)).sum() * scale
+        ds.backward(weighted, scale_wrt_gas=False)
+        return losses.detach(), result
+
+    def noise_and_step(self, engine: PrivacyEngine) -> None:
+        # Each rank noises its own partition from its own stream of this step, with the std of the
+        # noise on each coordinate of the final (averaged) gradient: σC / B_exp.
+        std = engine.noise.std / engine.expected_batch_size
+        self.optimizer.arm(std, stream(engine.noise.key, engine.steps_taken, self.rank))
         try:
-            ds.step()
+            self.ds_engine.step()
         finally:
             self.optimizer.disarm()
-        engine.accountant.step(engine.noise_multiplier, engine.sample_rate)
-        return StepStats(engine.epsilon(), examples, units, clipped, loss_sum, tokens)
 
+    # ---- what the training run needs beyond the step ---------------------------------------
+    def checkpointed(self) -> list:
+        """What accelerate's save_state must checkpoint besides the privacy engine: nothing, the
+        DeepSpeed engine checkpoints its weights and optimizer itself."""
+        return []
 
-def save_trained(accelerator, ds_model, model: nn.Module, folder, tokenizer, full_model: bool = False) -> None:
-    """Save the LoRA adapter (or, with full_model, every weight) from a DeepSpeed run. Under ZeRO-3
-    the weights are gathered first (stage3_gather_16bit_weights_on_model_save). Collective: call
-    on every rank. Full weights keep the wrapped model's key names (PEFT: base + adapter, unmerged)."""
-    if full_model:
-        accelerator.save_model(ds_model, folder)
-    else:
-        state = accelerator.get_state_dict(ds_model)  # full state on the main process
+    def save_weights(self, accelerator, folder, full_model: bool = False) -> None:
+        """The trained weights (`save_pretrained`: the adapter under LoRA), or with full_model every
+        weight under the wrapped model's key names (PEFT: base + adapter, unmerged). Under ZeRO-3
+        the weights are gathered first (stage3_gather_16bit_weights_on_model_save). Collective:
+        call on every rank; the main process writes."""
+        if full_model:
+            accelerator.save_model(self.ds_engine, folder)
+            return
+        state = accelerator.get_state_dict(self.ds_engine)  # full state on the main process
         if accelerator.is_main_process:
-            model.save_pretrained(folder, state_dict=state)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(folder)
-    accelerator.wait_for_everyone()
+            self.module.save_pretrained(folder, state_dict=state)

@@ -4,15 +4,21 @@ One logical step:  g = (Σ_units clip_C(grad_unit) + N(0, σ²C² I)) / (q·N)
 with units sampled independently at rate q, then any optimizer steps on g. The secret sampling
 and noise keys and the accountant's history form the privacy state, which goes into every
 checkpoint (see randomness.py: the draws of a step are a function of its key, step and rank).
+
+`PrivacyEngine.step` is the one DP step, a fixed sequence: sample (this rank's micro-batches of
+the Poisson-sampled logical batch) → clip (per micro-batch) → noise (and the optimizer step) →
+account (exactly once per logical step). How a model is laid out over processes only changes how
+clip and noise are carried out; a `StepBackend` does those, chosen once when training is set up:
+`backends.ReplicatedBackend` (one process, or DDP-style replicas) or `deepspeed.DeepSpeedBackend`
+(ZeRO-1/2/3). Sampling, padding, accounting and the step's statistics live here only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dpnotes.privacy.accounting import calibrate_noise_multiplier, check_privacy_params, make_accountant
@@ -70,6 +76,35 @@ class StepStats:
 
 
 NOT_PRIVATE = "not private: fixed seed"
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward of a logical step on this rank."""
+
+    batch: dict  # collated examples
+    size: int  # number of examples
+    group_index: torch.Tensor | None  # privacy unit of each example within the micro-batch (None: its own)
+    padding: bool  # a zero-weight pass that only keeps the ranks' collectives in step; contributes nothing
+    last: bool  # this rank's last micro-batch of the step
+
+
+class StepBackend(Protocol):
+    """What differs between the ways a model is laid out over processes; PrivacyEngine.step does the rest."""
+
+    rank: int
+    world_size: int
+
+    def micro_batch_count(self, local: int) -> int:
+        """How many micro-batches to run, given this rank's `local` ones (more: zero-weight padding)."""
+
+    def clip(self, engine: PrivacyEngine, loss_fn: LossFn, micro: MicroBatch) -> tuple[torch.Tensor, ClipResult]:
+        """Forward and backward one micro-batch so that its units' clipped gradients join the step's
+        sum; return the detached per-example losses and the clip result."""
+
+    def noise_and_step(self, engine: PrivacyEngine) -> None:
+        """Add the step's noise (once per coordinate across ranks) to the clipped sum, scale by
+        1/(q·N) and step the optimizer on the result."""
 
 
 class PrivacyEngine:
@@ -146,7 +181,7 @@ class PrivacyEngine:
             "sample_rate": self.sample_rate,
             "noise_multiplier": self.noise_multiplier,
             "noise_std_on_sum": self.noise.std,
-            "expected_batch_size": self.sample_rate * self.num_units,
+            "expected_batch_size": self.expected_batch_size,
         }
 
     def budget_allows_step(self) -> bool:
@@ -161,6 +196,11 @@ class PrivacyEngine:
         return probe.epsilon(self.delta) <= self.config.target_epsilon * (1 + 1e-6)
 
     # ---- one logical step --------------------------------------------------------------------
+    @property
+    def expected_batch_size(self) -> float:
+        """q·N, what DP gradients are divided by (the realised batch size is private)."""
+        return self.sampler.expected_batch_size
+
     def micro_batches(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[list[int], torch.Tensor | None]]:
         """Sample the next logical batch and yield this rank's micro-batches as
         (example indices, unit index of each example within the micro-batch or None)."""
@@ -168,67 +208,30 @@ class PrivacyEngine:
         for examples, groups in pack_micro_batches(units.tolist(), self.examples_of_unit, self.config.micro_batch_size):
             yield examples, torch.tensor(groups) if self.examples_of_unit is not None else None
 
-    def clip_accumulate(
-        self, model: nn.Module, loss_fn: LossFn, batch: dict, group_index: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, ClipResult]:
-        """Forward one micro-batch, clip its units and add their clipped sum to the clipper's sums."""
-        with self.clipper.recording(len(next(iter(batch.values())))):
-            losses = loss_fn(model, batch)
-        return losses.detach(), self.clipper.backward(losses, group_index)
-
-    def privatize_gradients(self) -> None:
-        """Turn the clipper's clipped sums into the DP gradient in `.grad`, on every rank.
-
-        Ranks sum their clipped sums; every rank then draws the same noise (the replicated stream
-        of this step: noise lands once per coordinate and replicas stay identical) and divides by
-        the expected logical batch size q·N (not the realised one, which is private). Sums and
-        noise are fp32; the result is cast to each parameter's dtype once.
-        """
-        sums = self.clipper.summed()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for total in sums:
-                dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        self.noise.add_(sums, step=self.steps_taken)
-        scale = 1.0 / (self.sample_rate * self.num_units)
-        for param, total in zip(self.clipper.parameters, sums):
-            param.grad = total.mul_(scale).to(param.dtype)
-        self.clipper.reset_sums()
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
-
-    def private_gradients(
-        self, model: nn.Module, fetch: Callable[[list[int]], dict], loss_fn: LossFn, rank: int = 0, world_size: int = 1
-    ) -> StepStats:
-        """Sample a logical batch, clip it micro-batch by micro-batch and leave the DP gradient in
-        `.grad` of the trainable parameters. `fetch(example_indices)` returns a collated batch."""
+    def step(self, backend: StepBackend, fetch: Callable[[list[int]], dict], loss_fn: LossFn) -> StepStats:
+        """One DP-SGD step: sample → clip → noise → account. `fetch(example_indices)` returns a
+        collated batch; `loss_fn(model, batch)` the per-example losses."""
+        local = list(self.micro_batches(backend.rank, backend.world_size))
+        count = backend.micro_batch_count(len(local))
         self.clipper.reset_sums()
         examples = units = clipped = tokens = 0
         loss_sum = 0.0
-        for indices, group_index in self.micro_batches(rank, world_size):
+        for k in range(count):
+            padding = k >= len(local)
+            indices, group_index = ([0], None) if padding else local[k]  # padding: any example, weight 0
             batch = fetch(indices)
-            losses, result = self.clip_accumulate(model, loss_fn, batch, group_index)
+            losses, result = backend.clip(self, loss_fn, MicroBatch(batch, len(indices), group_index, padding, k == count - 1))
+            if padding:
+                continue
             examples += len(indices)
             units += len(result.norms)
             clipped += result.clipped_count
             loss_sum += float(losses.sum())
             if "attention_mask" in batch:
                 tokens += int(batch["attention_mask"].sum())
-        self.privatize_gradients()
+        backend.noise_and_step(self)
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
         return StepStats(self.epsilon(), examples, units, clipped, loss_sum, tokens)
-
-    def step(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        fetch: Callable[[list[int]], dict],
-        loss_fn: LossFn,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> StepStats:
-        """One DP-SGD step: the private gradient, then the optimizer's step on it."""
-        stats = self.private_gradients(model, fetch, loss_fn, rank, world_size)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return stats
 
     # ---- checkpointing (accelerate's register_for_checkpointing protocol) ---------------------
     def state_dict(self) -> dict:

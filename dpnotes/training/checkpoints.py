@@ -1,0 +1,95 @@
+"""Checkpoints of a training run: where they go, who may read them, and which one a run may resume.
+
+A checkpoint holds the secret sampling and noise keys (the privacy engine's state): it is written
+owner-only, and the `latest` pointer moves only once it is complete. A run directory is bound to
+one configuration, and so is every checkpoint in it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from dpnotes.runs import RunDir
+from dpnotes.training.config import TrainConfig, config_dict
+
+STEP_FOLDER = re.compile(r"step_\d{6,}")  # f"step_{step:06d}"
+RUN_STAMP = "dpnotes_run.json"  # in every checkpoint: the config hash it belongs to
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be resumed from (foreign run, tampered pointer)."""
+
+
+def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, after checking that the pointer names a sibling
+    step folder and that the checkpoint belongs to this run's configuration.
+
+    Resuming unpickles the checkpoint (accelerate/torch): run directories are trusted input.
+    These checks stop mistakes (a copied folder, a hand-edited pointer), not an attacker who can
+    write to the run directory.
+    """
+    folder = RunDir(output_dir).checkpoints
+    pointer = folder / "latest"
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    if not STEP_FOLDER.fullmatch(name) or not (folder / name).is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, not a step_NNNNNN folder beside it: refusing to resume")
+    checkpoint = folder / name
+    stamp = checkpoint / RUN_STAMP
+    recorded = json.loads(stamp.read_text()).get("config_hash") if stamp.exists() else None
+    if recorded != config_hash:
+        raise CheckpointError(
+            f"{checkpoint} belongs to configuration {recorded}, not this run's {config_hash}: refusing to resume"
+        )
+    return checkpoint
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config_hash: str) -> None:
+    """Write the step's state, owner-only (it holds the secret sampling and noise keys), then move
+    the `latest` pointer."""
+    name = f"step_{step:06d}"
+    folder = RunDir(output_dir).checkpoints
+    previous = os.umask(0o077)  # everything written below is owner-only
+    try:
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(folder / name))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            restrict_to_owner(folder / name)  # in case a library set modes of its own
+            (folder / name / RUN_STAMP).write_text(json.dumps({"config_hash": config_hash, "step": step}))
+            # The pointer moves only once the state is fully written: a crash mid-save keeps the old one.
+            tmp = folder / "latest.tmp"
+            tmp.write_text(name)
+            tmp.replace(folder / "latest")
+    finally:
+        os.umask(previous)
+
+
+def restrict_to_owner(root: Path) -> None:
+    """chmod go-rwx below `root` (files a library wrote with its own modes included)."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode & 0o700)
+
+
+def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None:
+    """Bind output_dir to this config: resuming someone else's checkpoints would mix two runs."""
+    stamp = RunDir(output_dir).config
+    if stamp.exists():
+        recorded = json.loads(stamp.read_text()).get("config_hash")
+        if recorded != config.fingerprint():
+            raise ValueError(
+                f"{output_dir} holds a run with another configuration (hash {recorded}, this one "
+                f"{config.fingerprint()}): choose another output_dir or delete it"
+            )
+        return
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"config_hash": config.fingerprint(), **config_dict(config)}, indent=2))

@@ -1,0 +1,147 @@
+"""Setting up a DP training run: data, accelerator, model, privacy engine and step backend,
+optimizer, trackers, resume.
+
+Runs unchanged on one CPU process or N processes (`accelerate launch`). The step backend is chosen
+here, once: under DeepSpeed (ZeRO-1/2/3) the `DeepSpeedBackend`, otherwise the
+`ReplicatedBackend` (every rank holds the full trainable state; see dpnotes.privacy.backends).
+The train loop, checkpoints and export only talk to the backend it returns.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from transformers import PreTrainedTokenizerBase
+
+from dpnotes.corpus import Note, examples_by_patient, load_configured_corpus, split_by_patient
+from dpnotes.models import load_causal_lm
+from dpnotes.privacy.backends import ReplicatedBackend
+from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
+from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
+from dpnotes.tokenized_notes import TokenizedNotes, tokenize_notes
+from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint
+from dpnotes.training.config import TrainConfig, config_dict
+from dpnotes.training.model_setup import count_trainable, prepare_trainable
+
+Backend = ReplicatedBackend | DeepSpeedBackend
+
+
+def load_training_notes(config: TrainConfig) -> list[Note]:
+    """The train split (by patient) of the configured corpus, validated before any work."""
+    notes = load_configured_corpus(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
+                                   seed=config.split_seed)
+    return split_by_patient(notes, seed=config.split_seed)["train"]
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    # Launched as several CPU processes, accelerate would otherwise treat every one as rank 0.
+    # cpu=True gives the MULTI_CPU type (real barriers); DeepSpeed sets its own type (DEEPSPEED).
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        PartialState(backend="gloo") if deepspeed else PartialState(cpu=True, backend="gloo")
+    trackers = None if config.report_to == "none" else config.report_to
+    os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync` uploads later, on purpose
+    if trackers:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", str(Path(config.output_dir).parent))
+    return Accelerator(log_with=trackers, project_dir=config.output_dir)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
+
+
+def load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The model with its trainable part (LoRA adapters, or everything) set up, in train mode."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    torch.manual_seed(config.init_seed)
+    model, tokenizer = load_causal_lm(config.model, dtype=dtype)
+    model = prepare_trainable(model, config.trainable).to(device)
+    model.train()
+    return model, tokenizer
+
+
+def make_backend(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 micro_batch_size: int) -> Backend:
+    """The one place that asks whether this is a DeepSpeed run."""
+    if is_deepspeed(accelerator):  # ZeRO-1/2/3: DeepSpeed checkpoints weights and optimizer; noise per fp32 partition
+        return DeepSpeedBackend.prepare(accelerator, model, optimizer, micro_batch_size)
+    return ReplicatedBackend(model, optimizer, accelerator.process_index, accelerator.num_processes)
+
+
+@dataclass
+class TrainingRun:
+    """Everything the train loop, checkpoints and export need."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    data: TokenizedNotes
+    engine: PrivacyEngine
+    backend: Backend
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    def fetch(self, indices: list[int]) -> dict:
+        return self.data.collate(indices, self.accelerator.device)
+
+
+def setup(config: TrainConfig) -> TrainingRun:
+    """Build (or, when output_dir holds a checkpoint of this configuration, resume) a run."""
+    notes = load_training_notes(config)
+    patient_unit = config.privacy.privacy_unit == "patient"
+    units = len(examples_by_patient([n.patient_id for n in notes])) if patient_unit else len(notes)
+    config.privacy.validated_delta(units)  # bad privacy settings fail before any model is loaded
+    accelerator = make_accelerator(config)
+    claim_output_dir(Path(config.output_dir), config, write=accelerator.is_main_process)
+    model, tokenizer = load_model(config, accelerator.device)
+    data = tokenize_notes(notes, tokenizer, config.max_length, config.prompt_format())
+    examples_of_unit = examples_by_patient(data.patient_ids) if patient_unit else None
+    engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)
+    backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
+    accelerator.register_for_checkpointing(*backend.checkpointed(), engine)
+    print(
+        f"dpnotes rank {accelerator.process_index}/{accelerator.num_processes} "
+        f"({accelerator.distributed_type}, device {accelerator.device})", flush=True
+    )
+    run = TrainingRun(config, accelerator, model, tokenizer, data, engine, backend)
+    start_tracking(run)
+    resume(run)
+    return run
+
+
+def start_tracking(run: TrainingRun) -> None:
+    """Trackers get the configuration and the derived privacy quantities; the console a summary."""
+    config, engine, accelerator = run.config, run.engine, run.accelerator
+    summary = {**engine.summary(), "examples": len(run.data), "world_size": accelerator.num_processes}
+    trainable, total = count_trainable(run.model)
+    summary.update(trainable_parameters=trainable, total_parameters=total, config_hash=config.fingerprint())
+    accelerator.init_trackers("dpnotes", config=config_dict(config) | {"derived": summary})
+    accelerator.print(
+        f"dpnotes DP training | rank {accelerator.process_index}/{accelerator.num_processes} | "
+        f"{len(run.data)} notes, {engine.num_units} {config.privacy.privacy_unit} units | q={engine.sample_rate:.4g} "
+        f"σ={engine.noise_multiplier:.4g} C={config.privacy.max_grad_norm} expected batch={summary['expected_batch_size']:.1f} "
+        f"steps={config.privacy.steps} target ε={config.privacy.target_epsilon} δ={engine.delta:.3g} | "
+        f"trainable {trainable:,}/{total:,}"
+    )
+    if engine.privacy_label:
+        accelerator.print(f"WARNING: privacy.seed is set: {NOT_PRIVATE} (tests and audits only)")
+
+
+def resume(run: TrainingRun) -> None:
+    """Load the latest checkpoint of this configuration, if there is one."""
+    checkpoint = latest_checkpoint(run.output_dir, run.config.fingerprint())
+    if checkpoint is not None:
+        run.accelerator.load_state(str(checkpoint))
+        run.accelerator.print(f"resumed from {checkpoint} at step {run.engine.steps_taken}, ε spent {run.engine.epsilon():.4g}")
