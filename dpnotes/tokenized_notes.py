@@ -1,50 +1,172 @@
-"""Notes → token ids for causal-LM training (prompt tokens masked from the loss)."""
+"""Notes → token ids for causal-LM training (prompt tokens masked from the loss), tokenized once.
+
+The tokens live in an Arrow table (HF datasets): one row per note with its ids (int32) and the
+length of its prompt, which is all the labels need. With a cache folder the table is written to
+disk under a key of what determines it (the notes, the tokenizer, the prompt format, max_length),
+and a second launch, or another rank of the same launch, memory-maps those files instead of
+tokenizing again: the corpus costs page cache once per machine, not Python lists per rank.
+
+The cache holds tokens of private notes: it is secret material, written owner-only, like the
+checkpoints (docs/privacy.md).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpnotes.corpus import Note
+from dpnotes.corpus import Note, examples_by_patient
 from dpnotes.prompting import PromptFormat
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss, no gradient
+FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "prompt_length": datasets.Value("int32"), "patient_id": datasets.Value("string")})
+UNITS_FILE = "examples_by_patient.npz"  # beside the table: the patient-level privacy units, computed once
 
 
-@dataclass
-class TokenizedNotes:
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    patient_ids: list[str]
-    pad_token_id: int
+class PatientUnits(Sequence):
+    """The example indices of each patient (first-appearance order), as two int arrays: indexing
+    gives one patient's list; the whole map is never a Python list of lists."""
+
+    def __init__(self, order: np.ndarray, offsets: np.ndarray):
+        self.order, self.offsets = order, offsets
+
+    @classmethod
+    def of(cls, patient_ids: Sequence[str]) -> PatientUnits:
+        groups = examples_by_patient(patient_ids)
+        offsets = np.zeros(len(groups) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(group) for group in groups])
+        order = np.fromiter((i for group in groups for i in group), dtype=np.int64, count=int(offsets[-1]))
+        return cls(order, offsets)
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.offsets) - 1
+
+    def __getitem__(self, unit: int) -> list[int]:
+        if not 0 <= unit < len(self):
+            raise IndexError(unit)
+        return self.order[self.offsets[unit] : self.offsets[unit + 1]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[unit] for unit in range(len(self)))
+
+
+class TokenizedNotes:
+    """prompt + text + eos of every note, truncated to max_length; only the text and eos carry loss."""
+
+    def __init__(self, table: datasets.Dataset, pad_token_id: int, units: PatientUnits | None = None):
+        self.table = table
+        self.pad_token_id = pad_token_id
+        self._units = units
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self.table["patient_id"])
+
+    @property
+    def examples_of_patient(self) -> PatientUnits:
+        if self._units is None:
+            self._units = PatientUnits.of(self.table["patient_id"])
+        return self._units
+
+    def example(self, index: int) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of one note."""
+        row = self.table[index]
+        ids, prompt = row["input_ids"], row["prompt_length"]
+        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
 
     def collate(self, indices: list[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Right-padded batch; padding is masked in attention and labels."""
-        width = max((len(self.input_ids[i]) for i in indices), default=0)
+        """Right-padded batch; padding is masked in attention and labels. Reads only these rows."""
+        rows = self.table[indices] if indices else {"input_ids": [], "prompt_length": []}
+        width = max((len(ids) for ids in rows["input_ids"]), default=0)
         ids = torch.full((len(indices), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, index in enumerate(indices):
-            length = len(self.input_ids[index])
-            ids[row, :length] = torch.tensor(self.input_ids[index])
-            labels[row, :length] = torch.tensor(self.labels[index])
-            mask[row, :length] = 1
+        for row, (tokens, prompt) in enumerate(zip(rows["input_ids"], rows["prompt_length"])):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            labels[row, prompt : len(tokens)] = ids[row, prompt : len(tokens)]
+            mask[row, : len(tokens)] = 1
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def tokenize_notes(notes: list[Note], tokenizer: PreTrainedTokenizerBase, max_length: int,
-                   prompt: PromptFormat) -> TokenizedNotes:
-    """prompt(codes) + text + eos, truncated to max_length; only the note text and eos carry loss
-    (eos is the chat template's end of turn for chat models, so generation stops where notes end)."""
-    input_ids, labels = [], []
+def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat) -> dict:
+    bodies = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    prompts: dict[tuple[str, ...], list[int]] = {}  # notes share code sets: render each prompt once
+    input_ids, prompt_lengths = [], []
+    for codes, body in zip(batch["codes"], bodies):
+        key = tuple(codes)
+        if key not in prompts:
+            prompts[key] = tokenizer(prompt.render(codes, tokenizer), add_special_tokens=False)["input_ids"]
+        prompt_ids = prompts[key]
+        input_ids.append((prompt_ids + body + [tokenizer.eos_token_id])[:max_length])
+        prompt_lengths.append(min(len(prompt_ids), max_length))
+    return {"input_ids": input_ids, "prompt_length": prompt_lengths, "patient_id": batch["patient_id"]}
+
+
+def tokenize_notes(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat,
+                   cache: str | Path | None = None, num_proc: int | None = None) -> TokenizedNotes:
+    """Tokenize by batched map (the fast tokenizer on 1,000 notes per call). With `cache`, reuse the
+    table stored under this input's key, or build and store it there (owner-only)."""
+    if cache is not None:
+        folder = Path(cache) / tokenization_key(notes, tokenizer, max_length, prompt)
+        if (folder / UNITS_FILE).exists():  # written last: the folder is complete
+            return _load(folder, tokenizer.pad_token_id)
+    source = datasets.Dataset.from_dict({"patient_id": [n.patient_id for n in notes], "text": [n.text for n in notes],
+                                         "codes": [list(n.codes) for n in notes]})
+    workers = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if len(notes) >= 20_000 else None)
+    table = source.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
+                       remove_columns=source.column_names, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                                      "prompt": prompt},
+                       desc="tokenizing notes" if len(notes) >= 20_000 else None, keep_in_memory=cache is None)
+    data = TokenizedNotes(table, tokenizer.pad_token_id)
+    if cache is None:
+        return data
+    _store(data, folder)
+    return _load(folder, tokenizer.pad_token_id)
+
+
+def _store(data: TokenizedNotes, folder: Path) -> None:
+    """Write beside the final folder and rename: a reader sees a whole cache entry or none."""
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    previous = os.umask(0o077)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+        data.table.save_to_disk(str(staging))
+        units = data.examples_of_patient
+        np.savez(staging / UNITS_FILE, order=units.order, offsets=units.offsets)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process stored the same key first: theirs is as good
+            shutil.rmtree(staging)
+    finally:
+        os.umask(previous)
+
+
+def _load(folder: Path, pad_token_id: int) -> TokenizedNotes:
+    units = np.load(folder / UNITS_FILE)
+    return TokenizedNotes(datasets.load_from_disk(str(folder)), pad_token_id, PatientUnits(units["order"], units["offsets"]))
+
+
+def tokenization_key(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat) -> str:
+    """Digest of everything the tokens depend on: the notes (patient, text, codes, in order), the
+    tokenizer (its vocabulary and rules, eos and chat template), the prompt format and max_length."""
+    digest = hashlib.sha256()
     for note in notes:
-        prompt_ids = tokenizer(prompt.render(note.codes, tokenizer), add_special_tokens=False)["input_ids"]
-        body = tokenizer(note.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt_ids + body)[:max_length]
-        input_ids.append(ids)
-        labels.append(([IGNORE_INDEX] * len(prompt_ids) + body)[:max_length])
-    return TokenizedNotes(input_ids, labels, [note.patient_id for note in notes], tokenizer.pad_token_id)
+        digest.update(json.dumps([note.patient_id, note.text, list(note.codes)]).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest.update(json.dumps([hashlib.sha256(vocabulary.encode()).hexdigest(), tokenizer.eos_token_id,
+                              getattr(tokenizer, "chat_template", None), prompt.to_dict(), max_length]).encode())
+    return digest.hexdigest()[:24]

@@ -53,7 +53,8 @@ def test_training_masks_the_prompt_and_learns_the_note_and_its_end(tiny_model_di
     notes = generate_default_corpus(3, seed=0)
     fmt = prompt_format_for("default")
     data = tokenize_notes(notes, tokenizer, 10_000, fmt)
-    for note, ids, labels in zip(notes, data.input_ids, data.labels):
+    for index, note in enumerate(notes):
+        ids, labels = data.example(index)
         prompt = tokenizer(fmt.render(note.codes, tokenizer), add_special_tokens=False)["input_ids"]
         assert ids[: len(prompt)] == prompt and all(label == IGNORE_INDEX for label in labels[: len(prompt)])
         assert labels[len(prompt):] == ids[len(prompt):] and ids[-1] == tokenizer.eos_token_id

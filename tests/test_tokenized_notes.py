@@ -1,0 +1,71 @@
+"""Notes tokenized once into Arrow: the same ids and labels as note-by-note tokenization, cached by
+what determines them, reused without tokenizing again, owner-only on disk."""
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from dpnotes.corpus import examples_by_patient, generate_default_corpus, split_by_patient
+from dpnotes.prompting import PromptFormat, prompt_format_for
+from dpnotes.testing.reference_tokenization import tokenize_note_by_note
+from dpnotes.tokenized_notes import IGNORE_INDEX, tokenization_key, tokenize_notes
+
+
+@pytest.fixture(scope="module")
+def demo_notes():
+    """The demo's training notes (train/configs/demo_smollm2.yaml: 2,000 patients, split seed 0)."""
+    return split_by_patient(generate_default_corpus(n_patients=2000, seed=0), seed=0)["train"]
+
+
+@pytest.mark.parametrize("max_length", [160, 4096])
+def test_ids_and_labels_equal_note_by_note_tokenization_on_the_demo_corpus(demo_notes, tiny_model_dir, max_length):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = prompt_format_for("default")
+    data = tokenize_notes(demo_notes, tokenizer, max_length, prompt)
+    assert len(data) == len(demo_notes)
+    for index, expected in enumerate(tokenize_note_by_note(demo_notes, tokenizer, max_length, prompt)):
+        assert data.example(index) == expected
+
+
+def test_a_batch_collates_the_labels_of_its_examples(demo_notes, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = tokenize_notes(demo_notes[:20], tokenizer, 160, prompt_format_for("default"))
+    batch = data.collate([3, 0, 7])
+    for row, index in enumerate([3, 0, 7]):
+        ids, labels = data.example(index)
+        assert batch["input_ids"][row, : len(ids)].tolist() == ids
+        assert batch["labels"][row].tolist() == labels + [IGNORE_INDEX] * (batch["labels"].shape[1] - len(ids))
+        assert batch["attention_mask"][row].sum() == len(ids)
+
+
+def test_patient_units_equal_the_corpus_grouping(demo_notes, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = tokenize_notes(demo_notes[:300], tokenizer, 160, prompt_format_for("default"))
+    assert list(data.examples_of_patient) == examples_by_patient([n.patient_id for n in demo_notes[:300]])
+
+
+def test_the_cache_is_reused_without_tokenizing_and_is_owner_only(demo_notes, tiny_model_dir, tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt, notes = prompt_format_for("default"), demo_notes[:200]
+    first = tokenize_notes(notes, tokenizer, 160, prompt, cache=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir()]
+    assert entry.name == tokenization_key(notes, tokenizer, 160, prompt)
+    assert all(path.stat().st_mode & 0o077 == 0 for path in [entry, *entry.rglob("*")])
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(datasets.Dataset, "map", no_tokenizing)
+    again = tokenize_notes(notes, tokenizer, 160, prompt, cache=tmp_path)
+    assert [again.example(i) for i in range(len(notes))] == [first.example(i) for i in range(len(notes))]
+    assert list(again.examples_of_patient) == list(first.examples_of_patient)
+
+
+def test_the_key_changes_with_what_the_tokens_depend_on(demo_notes, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    notes, prompt = demo_notes[:50], prompt_format_for("default")
+    key = tokenization_key(notes, tokenizer, 160, prompt)
+    assert tokenization_key(notes[:-1], tokenizer, 160, prompt) != key
+    assert tokenization_key(notes, tokenizer, 161, prompt) != key
+    assert tokenization_key(notes, tokenizer, 160, PromptFormat("clinical note", "none")) != key
+    edited = [notes[0].__class__(notes[0].id, notes[0].patient_id, notes[0].text + ".", notes[0].codes), *notes[1:]]
+    assert tokenization_key(edited, tokenizer, 160, prompt) != key
