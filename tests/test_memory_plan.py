@@ -58,3 +58,12 @@ def test_recommendations():
     seventy_lora = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], RunShape(lora_rank=16, seq=1024))}
     assert seventy_lora["8x80GB"] == "ZeRO-3"
     assert estimate(PRESETS["llama-70b"], RunShape(lora_rank=16, seq=1024, zero=3))["total"] < 72 * GiB
+
+
+def test_the_train_command_plans_any_model_from_its_settings(capsys):
+    from dpnotes.training.cli import main
+
+    main(["--dry-run", "model=llama-70b", "max_length=2048", "dtype=bfloat16", "privacy.micro_batch_size=1",
+          "trainable.lora_rank=16", "--gpus", "8"])
+    out = capsys.readouterr().out
+    assert out.startswith("llama-70b: 68.98B params, LoRA r=16") and "breakdown at ZeRO-3 on 8 GPU(s)" in out

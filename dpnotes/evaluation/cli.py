@@ -85,7 +85,7 @@ class DPCoderSettings:
 
 
 @dataclass(kw_only=True)
-class DPClassifierConfig(NotesConfig, DPCoderSettings):
+class DPClassifierConfig(DPCoderSettings, NotesConfig):
     # lora: DP-LoRA MiniLM; probe: DP linear probe on frozen MiniLM features; hashed: DP logistic
     # regression on hashed word n-grams
     coder: Literal["lora", "probe", "hashed"] = "lora"

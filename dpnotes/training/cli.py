@@ -2,6 +2,7 @@
 
     dpnotes train --config train/configs/demo_smollm2.yaml privacy.target_epsilon=4 output_dir=runs/demo/eps_4
     dpnotes train --dry-run --config train/configs/demo_smollm2.yaml   # per-GPU memory plan
+    dpnotes train --dry-run model=llama-70b max_length=2048 dtype=bfloat16 trainable.lora_rank=16   # any model
 
 Re-running with the same output_dir resumes from its last checkpoint.
 """
@@ -18,9 +19,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan (ZeRO stages × 1/8/16 GPUs) and exit")
     parser.add_argument("--gpus", type=int, default=8, help="--dry-run: GPUs of the breakdown line")
     parser.add_argument("--zero", type=int, default=3, help="--dry-run: ZeRO stage of the breakdown line")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="--dry-run: what-if (not supported by the DP engine yet)")
     args = parser.parse_intermixed_args(argv)
     config = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run(config, gpus=args.gpus, zero=args.zero))
+        print(dry_run(config, gpus=args.gpus, zero=args.zero, activation_checkpointing=args.activation_checkpointing))
         return
     train(config)

@@ -1,7 +1,8 @@
 """Per-GPU memory planner for DP fine-tuning of LLaMA-family models (LoRA or full), by ZeRO stage.
 
-    python -m dpnotes.training.memory_plan --model llama-70b --seq 2048 --micro-batch 1 --lora-rank 16
-    python train/dp_lora.py --dry-run --config train/configs/demo_smollm2.yaml   # plan for the run's config
+    dpnotes train --dry-run --config train/configs/demo_smollm2.yaml   # plan for the run's config
+    dpnotes train --dry-run model=llama-70b max_length=2048 dtype=bfloat16 privacy.micro_batch_size=1 \
+        trainable.lora_rank=16 privacy.clipping=ghost                 # any preset (PRESETS) or HF folder
 
 Estimates, per GPU, in bytes (bf16 compute, fp32 master weights and Adam states):
   weights        2·P                   (ZeRO-3: /N; offload_param: 0)
@@ -21,7 +22,6 @@ These are planning estimates (±20 %), not guarantees; measure before a long run
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
 
 GiB = 1024**3
@@ -199,37 +199,13 @@ def shape_for(model: str) -> ModelShape:
     return shape_from_hf_config(AutoConfig.from_pretrained(source))
 
 
-def dry_run(config, gpus: int = 8, zero: int = 3) -> str:
-    """The plan for a TrainConfig (train/dp_lora.py --dry-run)."""
+def dry_run(config, gpus: int = 8, zero: int = 3, activation_checkpointing: bool = False) -> str:
+    """The plan for a TrainConfig (dpnotes train --dry-run)."""
     trainable = config.trainable
     run = RunShape(
         seq=config.max_length, micro_batch=config.privacy.micro_batch_size,
         lora_rank=None if trainable.full_finetune else trainable.lora_rank,
         lora_targets=tuple(trainable.lora_targets), clipping=config.privacy.clipping, zero=zero, gpus=gpus,
-        weight_bytes=2 if config.dtype == "bfloat16" else 4,
+        weight_bytes=2 if config.dtype == "bfloat16" else 4, activation_checkpointing=activation_checkpointing,
     )
     return format_plan(config.model, shape_for(config.model), run)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-7b", help=f"preset ({', '.join(PRESETS)}) or HF folder")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--lora-rank", type=int, default=16, help="0: full fine-tuning")
-    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
-    parser.add_argument("--clipping", default="ghost", choices=["ghost", "bk"])
-    parser.add_argument("--zero", type=int, default=3, help="stage for the breakdown line")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs for the breakdown line")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="what-if (not supported by the DP engine yet)")
-    args = parser.parse_args(argv)
-    run = RunShape(
-        seq=args.seq, micro_batch=args.micro_batch, lora_rank=args.lora_rank or None,
-        lora_targets=tuple(args.lora_targets.split(",")), clipping=args.clipping, zero=args.zero, gpus=args.gpus,
-        activation_checkpointing=args.activation_checkpointing,
-    )
-    print(format_plan(args.model, shape_for(args.model), run))
-
-
-if __name__ == "__main__":
-    main()
