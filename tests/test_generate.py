@@ -201,6 +201,22 @@ def test_synthesize_adds_epsilons_only_at_one_privacy_unit(merged_dir, tmp_path)
     assert manifest["total_epsilon"] == 3.2 and manifest["total_delta"] == 1e-4
 
 
+def test_the_merge_and_generate_commands_take_settings(run_dir, tmp_path, capsys):
+    from dpnotes.generation import merge, synthesize as synthesize_command
+
+    merge.main([f"run_dir={run_dir}", f"output_dir={tmp_path / 'merged'}"])
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"I10": 1}))
+    synthesize_command.main([f"model={tmp_path / 'merged'}", f"output_dir={tmp_path / 'notes'}", "count=2",
+                             "conditioning=prior", f"prior_path={prior}", "max_new_tokens=4", "backend=transformers"])
+    assert len(load_synthetic(tmp_path / "notes")) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a DP release needs the training notes
+        synthesize_command.main([f"model={tmp_path / 'merged'}", f"output_dir={tmp_path / 'dp'}"])
+    assert capsys.readouterr().err == "error: conditioning dp-marginals needs run_dir (the training output_dir)\n"
+
+
 def test_the_training_report_may_come_from_the_run_when_the_model_folder_has_none(merged_dir, tmp_path):
     import shutil
 
