@@ -43,6 +43,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("DPNOTES_CACHE") or Path.home() / ".cache" / "dpnotes")
 
 
+def token_cache() -> Path:
+    """Where tokenized training corpora are kept (dpnotes.tokenized_notes): tokens of private notes,
+    so the folder is owner-only, unlike the model cache."""
+    return cache_root() / "tokenized"
+
+
 def model_cache_dir(alias: str) -> Path:
     return cache_root() / "models" / alias
 

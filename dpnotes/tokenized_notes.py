@@ -72,10 +72,6 @@ class TokenizedNotes:
         return len(self.table)
 
     @property
-    def patient_ids(self) -> list[str]:
-        return list(self.table["patient_id"])
-
-    @property
     def examples_of_patient(self) -> PatientUnits:
         if self._units is None:
             self._units = PatientUnits.of(self.table["patient_id"])

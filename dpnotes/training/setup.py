@@ -17,7 +17,7 @@ from accelerate import Accelerator, PartialState
 from transformers import PreTrainedTokenizerBase
 
 from dpnotes.corpus import Note, examples_by_patient, load_configured_corpus, split_by_patient
-from dpnotes.models import load_causal_lm
+from dpnotes.models import load_causal_lm, token_cache
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
@@ -106,8 +106,10 @@ def setup(config: TrainConfig) -> TrainingRun:
     accelerator = make_accelerator(config)
     claim_output_dir(Path(config.output_dir), config, write=accelerator.is_main_process)
     model, tokenizer = load_model(config, accelerator.device)
-    data = tokenize_notes(notes, tokenizer, config.max_length, config.prompt_format())
-    examples_of_unit = examples_by_patient(data.patient_ids) if patient_unit else None
+    # One rank tokenizes into the cache; the others then memory-map the same files.
+    with accelerator.main_process_first():
+        data = tokenize_notes(notes, tokenizer, config.max_length, config.prompt_format(), cache=token_cache())
+    examples_of_unit = data.examples_of_patient if patient_unit else None
     engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)
     backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
     accelerator.register_for_checkpointing(*backend.checkpointed(), engine)
