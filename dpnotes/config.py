@@ -190,7 +190,7 @@ def as_dict(config) -> dict:
 # ---- command lines -------------------------------------------------------------------------------
 def yaml_text(value: Any) -> str:
     """A value as it is written in a config file or an override (`.inf`, `null`, `[a, b]`)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf, sort_keys=False).removesuffix("...\n").strip()
 
 
 def describe(cls: type, defaults: Any = None, prefix: str = "") -> list[str]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpnotes.config import Origin, command_parser, dotted_keys, load, merge, read_yaml
+from dpnotes.config import Origin, command_parser, dotted_keys, load, merge, read_yaml, yaml_text
 from dpnotes.console import command
 from dpnotes.study.pipeline import ROOT, STAGES, Pipeline, PipelineConfig, log, pipeline_config, read_json
 from dpnotes.study.report import collect, dp_coder_sweeps, epsilon_label
@@ -118,8 +118,8 @@ def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: fl
     baselines = summary["baselines"]
     real = baselines.get("real_tfidf")
     lines = [f"## {part.title or name}", "",
-             f"`python -m dpnotes.study --only {name}` (pipeline config `{part.config}`"
-             + (f", overrides {part.overrides}" if part.overrides else "") + f"); run folder `{root}`"
+             f"`dpnotes study --only {name}` (pipeline config `{part.config}`"
+             + (f", overrides `{yaml_text(part.overrides)}`" if part.overrides else "") + f"); run folder `{root}`"
              + (f"; {seconds / 60:.1f} min wall time over all its runs (timed on private data: outside the DP guarantee)" if seconds else "") + ".", ""]
     if real:
         lines += [f"Coder trained on real notes (TF-IDF + logistic regression, no privacy): micro-F1 "
@@ -155,7 +155,7 @@ def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: fl
 
 def write_results(study: StudyConfig, seconds: dict[str, float]) -> Path:
     lines = [f"# Measured results: the privacy–utility study ({time.strftime('%Y-%m-%d')}, CPU, 2 cores)", "",
-             "Made by `make study` (`python -m dpnotes.study --config dpnotes/study/configs/study.yaml`); 95 % CIs are "
+             "Made by `make study` (`dpnotes study --config dpnotes/study/configs/study.yaml`); 95 % CIs are "
              "bootstrap intervals over the real test notes. Synthetic notes and DP coders are scored on the real "
              "test split only; hyper-parameters were chosen on train/dev (docs/utility.md). The memorisation audit "
              "(many passes over a small corpus) is in docs/memorisation.md.", ""]
