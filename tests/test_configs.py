@@ -11,6 +11,7 @@ import pytest
 from dpnotes.cli import COMMANDS
 from dpnotes.cli import main as dpnotes
 from dpnotes.config import ConfigError, build, load, parse_overrides
+from dpnotes.errors import UserError
 from dpnotes.evaluation.cli import CodersConfig, DPClassifierConfig
 from dpnotes.generation.synthesize import SynthesizeConfig
 from dpnotes.study.parts import StudyConfig, load_study_config, part_pipeline
@@ -19,6 +20,12 @@ from dpnotes.training.config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = {"coders.yaml": CodersConfig, "dp_classifier.yaml": DPClassifierConfig}
+
+
+@pytest.fixture(autouse=True)
+def user_errors_exit(monkeypatch):
+    """A user error exits 2, also after a test that ran a command with --debug (it sets DPNOTES_DEBUG)."""
+    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)
 
 
 def shipped(folder: str) -> list[Path]:
@@ -95,6 +102,16 @@ def test_pipeline_train_settings_are_checked_against_the_training_config():
         load_pipeline_config(path, ["generation_batch_size=3"])
     config = load_pipeline_config(path, ["train.privacy.steps=3", "generation.temperature=0.5"])
     assert config.train == {"privacy": {"steps": 3}} and config.generation.temperature == 0.5
+
+
+def test_pipeline_dp_coder_settings_are_checked_against_the_coder_kinds():
+    path = ROOT / "dpnotes" / "study" / "configs" / "pipeline_demo.yaml"
+    with pytest.raises(ConfigError, match=r"'dp_coders\[0\]' must be one of 'lora', 'probe', 'hashed'"):
+        load_pipeline_config(path, ["dp_coders=[svm]"])
+    with pytest.raises(UserError, match="coder hashed has none"):
+        load_pipeline_config(path, ["dp_coder_options.hashed.lora_rank=4"])
+    config = load_pipeline_config(path, ["dp_coder_options.probe.learning_rate=20", "dp_coder_options.probe.steps=50"])
+    assert config.dp_coder_options["probe"].coder_options("probe") == {"lr": 20.0, "steps": 50}
 
 
 def test_a_missing_required_key_and_a_missing_file_are_config_errors(tmp_path):

@@ -23,12 +23,22 @@ from typing import Literal
 
 from dpnotes.config import add_config_arguments, load
 from dpnotes.console import add_console_flags, command
-from dpnotes.corpus.schema import Note
+from dpnotes.corpus import Note, canary_secrets, load_corpus, split_by_patient
+from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.errors import UserError
+from dpnotes.evaluation import leakage
+from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, compare_train_sets
+from dpnotes.evaluation.dp_sweep import DP_CODERS, dp_epsilon_sweep
+from dpnotes.evaluation.fidelity import embed_texts, fidelity_report
+from dpnotes.models import load_causal_lm
+from dpnotes.prompting import prompt_format_from
 
 
 class CLIError(UserError):
     pass
+
+
+DPCoderKind = Literal["lora", "probe", "hashed"]  # the names of DP_CODERS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,25 +80,33 @@ class DPCoderSettings:
     (they differ: a linear head wants larger batches and learning rates than LoRA)."""
 
     model: str | None = None  # encoder alias or folder (lora, probe)
+    max_length: int | None = None  # tokens per note (lora, probe)
+    lora_rank: int | None = None  # lora
     steps: int | None = None
     expected_batch_size: int | None = None
     learning_rate: float | None = None
-    max_length: int | None = None  # tokens per note (lora, probe)
     max_grad_norm: float | None = None
 
-    def coder_options(self) -> dict:
-        """The settings given, as keyword options of the coders (dpnotes.evaluation.dp_sweep)."""
-        given = {"model": self.model, "max_length": self.max_length, "steps": self.steps,
+    def coder_options(self, coder: str) -> dict:
+        """The settings given, as keyword options of the coder of kind `coder` (DP_CODERS)."""
+        if coder not in DP_CODERS:
+            raise CLIError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
+        given = {"model": self.model, "max_length": self.max_length, "lora_r": self.lora_rank, "steps": self.steps,
                  "expected_batch_size": self.expected_batch_size, "lr": self.learning_rate,
                  "max_grad_norm": self.max_grad_norm}
-        return {name: value for name, value in given.items() if value is not None}
+        options = {name: value for name, value in given.items() if value is not None}
+        if coder == "hashed" and {"model", "max_length"} & set(options):
+            raise CLIError("model and max_length configure an encoder: coder hashed has none")
+        if coder != "lora" and "lora_r" in options:
+            raise CLIError(f"lora_rank configures LoRA adapters: coder {coder} has none")
+        return options
 
 
 @dataclass(kw_only=True)
 class DPClassifierConfig(DPCoderSettings, NotesConfig):
     # lora: DP-LoRA MiniLM; probe: DP linear probe on frozen MiniLM features; hashed: DP logistic
     # regression on hashed word n-grams
-    coder: Literal["lora", "probe", "hashed"] = "lora"
+    coder: DPCoderKind = "lora"
     epsilons: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, math.inf])
     privacy_unit: Literal["patient", "sequence"] = "patient"
     labels: str | None = None  # public label list: a file (one code per line) or a shipped list's name
@@ -131,8 +149,6 @@ class FidelityConfig:
 # input helpers
 # ---------------------------------------------------------------------------------------------
 def load_notes(spec: str, options: dict | None = None, what: str = "corpus") -> list[Note]:
-    from dpnotes.corpus import load_corpus
-
     if spec != "default" and ":" not in spec and not Path(spec).exists():
         raise CLIError(f"{what}: file not found: {spec}")
     try:
@@ -155,8 +171,6 @@ def keep_top_labels(notes: list[Note], k: int | None) -> list[Note]:
 
 
 def splits_of(config: NotesConfig) -> tuple[list[Note], list[Note], list[Note]]:
-    from dpnotes.corpus import split_by_patient
-
     options = config.reader_options
     if config.train or config.dev or config.test:
         if not (config.train and config.dev and config.test):
@@ -249,8 +263,6 @@ METRIC_COLUMNS = ["train set", "n train", "micro-F1", "95% CI", "macro-F1", "wei
 # subcommands
 # ---------------------------------------------------------------------------------------------
 def cmd_coders(config: CodersConfig) -> dict:
-    from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, compare_train_sets
-
     train, dev, test = splits_of(config)
     synthetic = load_notes(config.synthetic, None, "synthetic") if config.synthetic else []
     if config.train_sets is None:
@@ -274,19 +286,7 @@ def cmd_coders(config: CodersConfig) -> dict:
     return {"command": "coders", "coder": config.coder, "results": results}
 
 
-def _dp_coder_options(config: DPClassifierConfig) -> dict:
-    """The settings given; the others keep the chosen coder's defaults."""
-    options = config.coder_options()
-    if config.coder == "hashed" and {"model", "max_length"} & set(options):
-        raise CLIError("model and max_length configure an encoder: coder hashed has none")
-    return options
-
-
 def cmd_dp_classifier(config: DPClassifierConfig) -> dict:
-    from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep
-
-    from dpnotes.corpus.code_lists import public_label_space
-
     labels = public_label_space(config.labels, config.corpus or config.train)  # before any work
     train, dev, test = splits_of(config)
     if not config.epsilons:
@@ -296,7 +296,7 @@ def cmd_dp_classifier(config: DPClassifierConfig) -> dict:
             raise CLIError(f"epsilons: each must be > 0 or .inf, got {epsilon}")
     sweep = dp_epsilon_sweep(train, dev, test, labels, config.epsilons, n_bootstrap=config.bootstrap, seed=config.seed,
                              log=lambda message: print(message, file=sys.stderr), coder=config.coder,
-                             privacy_seed=config.privacy_seed, privacy_unit=config.privacy_unit, **_dp_coder_options(config))
+                             privacy_seed=config.privacy_seed, privacy_unit=config.privacy_unit, **config.coder_options(config.coder))
     rows = []
     for eps, r in sweep["by_epsilon"].items():
         p = r["privacy"]
@@ -312,8 +312,6 @@ def cmd_dp_classifier(config: DPClassifierConfig) -> dict:
 
 def _training_prompt(model: str, tokenizer):
     """codes -> the prompt the model was trained with, from the privacy report in its folder."""
-    from dpnotes.prompting import prompt_format_from
-
     report = Path(model) / "privacy_report.json"
     if not report.is_file():
         raise CLIError(f"{model}: no privacy_report.json with the training prompt format (prompt=false for bare text)")
@@ -325,16 +323,12 @@ def _training_prompt(model: str, tokenizer):
 
 
 def cmd_privacy(config: PrivacyEvalConfig) -> dict:
-    from dpnotes.evaluation import leakage
-
     result: dict = {"command": "privacy"}
     rows = []
     needs_model = config.members or config.canaries_from
     if needs_model:
         if not config.model:
             raise CLIError("model (a causal LM alias or folder) is needed for exposure and membership inference")
-        from dpnotes.models import load_causal_lm
-
         model, tokenizer = load_causal_lm(config.model)
         prompt_of = None if not config.prompt else _training_prompt(config.model, tokenizer)
     if config.canaries_from:
@@ -361,8 +355,6 @@ def cmd_privacy(config: PrivacyEvalConfig) -> dict:
             raise CLIError("verbatim leakage needs train_notes (the notes the generator was trained on)")
         synthetic = load_notes(config.synthetic, None, "synthetic")
         train_notes = load_notes(config.train_notes, None, "train notes")
-        from dpnotes.corpus import canary_secrets
-
         leak = leakage.verbatim_leakage([n.text for n in synthetic], [n.text for n in train_notes], n=config.ngram,
                                         canaries=canary_secrets(train_notes))
         if not config.per_note:
@@ -388,8 +380,6 @@ def cmd_privacy(config: PrivacyEvalConfig) -> dict:
 
 
 def cmd_fidelity(config: FidelityConfig) -> dict:
-    from dpnotes.evaluation.fidelity import embed_texts, fidelity_report
-
     real = load_notes(config.real, config.reader_options, "real")
     synthetic = load_notes(config.synthetic, None, "synthetic")
     embed = None if not config.embeddings else (lambda texts: embed_texts(texts, model_name=config.model, max_length=config.max_length))

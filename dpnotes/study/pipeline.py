@@ -29,7 +29,7 @@ from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_w
 from dpnotes.console import command
 from dpnotes.corpus import Note, load_configured_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.evaluation.cli import DPCoderSettings
+from dpnotes.evaluation.cli import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
 from dpnotes.generation.backends import resolve_backend
@@ -63,7 +63,7 @@ class PipelineConfig:
     bootstrap: int = 200
     # DP coders trained on the real notes: kinds of evaluation.dp_sweep.DP_CODERS ("hashed",
     # "probe", "lora"), each at dp_coder_epsilons (None: the generator's epsilons).
-    dp_coders: list[str] = field(default_factory=lambda: ["hashed"])
+    dp_coders: list[DPCoderKind] = field(default_factory=lambda: ["hashed"])
     dp_coder_epsilons: list[float] | None = None
     # coder kind -> its settings, named as in `dpnotes eval dp-classifier` (unset: the coder's defaults)
     dp_coder_options: dict[str, DPCoderSettings] = field(default_factory=dict)
@@ -243,7 +243,7 @@ class Pipeline:
                                        lambda: real_coder_baseline(self.splits, c.bootstrap))}
         sweeps = {}
         for coder in c.dp_coders:
-            options = c.dp_coder_options.get(coder, DPCoderSettings()).coder_options()
+            options = c.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
             by_epsilon = {}
             for epsilon in c.dp_coder_epsilons or c.epsilons:
                 tag = format_epsilon(epsilon)
@@ -286,6 +286,8 @@ def pipeline_config(values: dict, origin: Origin | str) -> PipelineConfig:
     path = train_config_path(config)  # each checked now, not after hours of other stages
     build(TrainConfig, read_yaml(path), str(path))
     build(TrainConfig, config.train, origin, "train.")
+    for coder in {*config.dp_coders, *config.dp_coder_options}:
+        config.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
     return config
 
 
