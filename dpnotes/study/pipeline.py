@@ -281,9 +281,10 @@ def train_config_path(config: PipelineConfig) -> Path:
 
 
 def pipeline_config(values: dict, origin: Origin | str) -> PipelineConfig:
-    """A PipelineConfig whose `train` settings are checked against TrainConfig before any stage runs."""
+    """A PipelineConfig whose training config, `train` settings and DP coder settings are checked now,
+    not after hours of earlier stages."""
     config = build(PipelineConfig, values, origin)
-    path = train_config_path(config)  # each checked now, not after hours of other stages
+    path = train_config_path(config)
     build(TrainConfig, read_yaml(path), str(path))
     build(TrainConfig, config.train, origin, "train.")
     for coder in {*config.dp_coders, *config.dp_coder_options}:
