@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--coder", choices=tuple(DP_CODERS), default="hashed")
     parser.add_argument("--epsilons", default="0.1,1,10,inf")
     parser.add_argument("--patients", type=int, default=20000, help="patients of the default corpus")
-    parser.add_argument("--set", action="append", help="coder option key=value (repeatable), e.g. lr=0.05")
+    parser.add_argument("--set", action="append", help="coder option key=value (repeatable), e.g. learning_rate=0.05")
     parser.add_argument("--feature-cache", type=Path, help="probe: .npz of MiniLM features kept between runs")
     parser.add_argument("--dev-only", action="store_true", help="score on half of dev, never on test (tuning)")
     parser.add_argument("--no-tfidf", action="store_true", help="skip the non-private TF-IDF reference")

@@ -69,7 +69,7 @@ def cmc(args) -> dict:
     sweep = dp_epsilon_sweep(train, dev, test, public_label_space("cmc2007"),
                              [parse_epsilon(e) for e in args.epsilons.split(",")], n_bootstrap=1000,
                              log=log, model="minilm", steps=args.dp_steps, expected_batch_size=args.dp_batch,
-                             micro_batch_size=32, lr=args.dp_lr, max_length=64, max_grad_norm=1.0)
+                             micro_batch_size=32, learning_rate=args.dp_lr, max_length=64, max_grad_norm=1.0)
     sweep["seconds"] = time.perf_counter() - started
     for eps, result in sweep["by_epsilon"].items():
         log(f"DP-LoRA ε={eps}: {summary(result, 'weighted_f1')} σ={result['privacy']['noise_multiplier']:.3g} "

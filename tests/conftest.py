@@ -19,3 +19,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def console_settings_stay_in_their_test():
+    """A command run in-process (dpnotes.console.command) sets the environment for the processes it
+    starts (--debug, quiet third-party libraries) and switches logging off: undo both after each test."""
+    import logging
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    logging.disable(logging.NOTSET)

@@ -22,12 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = {"coders.yaml": CodersConfig, "dp_classifier.yaml": DPClassifierConfig}
 
 
-@pytest.fixture(autouse=True)
-def user_errors_exit(monkeypatch):
-    """A user error exits 2, also after a test that ran a command with --debug (it sets DPNOTES_DEBUG)."""
-    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)
-
-
 def shipped(folder: str) -> list[Path]:
     found = sorted((ROOT / folder).glob("*.yaml"))
     assert found, folder
@@ -111,7 +105,7 @@ def test_pipeline_dp_coder_settings_are_checked_against_the_coder_kinds():
     with pytest.raises(UserError, match="coder hashed has none"):
         load_pipeline_config(path, ["dp_coder_options.hashed.lora_rank=4"])
     config = load_pipeline_config(path, ["dp_coder_options.probe.learning_rate=20", "dp_coder_options.probe.steps=50"])
-    assert config.dp_coder_options["probe"].coder_options("probe") == {"lr": 20.0, "steps": 50}
+    assert config.dp_coder_options["probe"].coder_options("probe") == {"learning_rate": 20.0, "steps": 50}
 
 
 def test_a_missing_required_key_and_a_missing_file_are_config_errors(tmp_path):

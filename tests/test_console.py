@@ -38,16 +38,14 @@ def _fails(argv):
     raise UserError("settings.yaml row 3: epsilon must be > 0")
 
 
-def test_a_user_error_is_one_line_and_exit_2(capsys, monkeypatch):
-    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)
+def test_a_user_error_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         _fails([])
     assert exit_.value.code == EXIT_USER_ERROR
     assert capsys.readouterr().err == "error: settings.yaml row 3: epsilon must be > 0\n"
 
 
-def test_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)
+def test_debug_shows_the_traceback():
     with pytest.raises(UserError):
         _fails(["--debug"])
 

@@ -7,12 +7,6 @@ from dpnotes.corpus import generate_default_corpus, write_notes
 from dpnotes.evaluation.cli import keep_top_labels, main
 
 
-@pytest.fixture(autouse=True)
-def user_errors_exit(monkeypatch):
-    """A user error exits 2, also after a test that ran a command with --debug (it sets DPNOTES_DEBUG)."""
-    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -27,7 +27,7 @@ def setup():
 def test_sweep_reports_weighted_f1_and_privacy_per_epsilon(setup):
     splits, factory = setup
     out = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], LABELS, epsilons=[1.0, math.inf], n_bootstrap=0,
-                           model=factory, steps=2, expected_batch_size=8, micro_batch_size=16, max_length=32, lora_r=4)
+                           model=factory, steps=2, expected_batch_size=8, micro_batch_size=16, max_length=32, lora_rank=4)
     assert list(out["weighted_f1"]) == ["1", "inf"]
     assert all(0 <= v <= 1 for v in out["weighted_f1"].values())
     private, reference = out["by_epsilon"]["1"]["privacy"], out["by_epsilon"]["inf"]["privacy"]
@@ -40,7 +40,7 @@ def test_sweep_reports_weighted_f1_and_privacy_per_epsilon(setup):
 
 def test_only_lora_and_classifier_are_trained(setup):
     splits, factory = setup
-    coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_r=2,
+    coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_rank=2,
                         privacy_unit="sequence")
     before = {n: p.detach().clone() for n, p in coder._build(len(LABELS))[0].named_parameters()}
     head_biases = [v for n, v in before.items() if "classifier" in n and n.endswith("bias")]
@@ -60,7 +60,7 @@ def test_model_seed_is_not_the_privacy_seed(setup):
     splits, factory = setup
 
     def fit(**privacy):
-        coder = DPLoRACoder(1.0, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_r=2,
+        coder = DPLoRACoder(1.0, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_rank=2,
                             **privacy)
         coder.fit(splits["train"], splits["dev"])
         return coder, [p.detach().clone() for p in coder.model_.parameters() if p.requires_grad]
@@ -79,7 +79,7 @@ def test_label_space_is_the_public_list_not_the_training_codes(setup):
     train = list(splits["train"])
     rare = train[0]
     train[0] = Note(rare.id, rare.patient_id, rare.text, [*rare.codes, "Z99.RARE"], rare.metadata)
-    coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=1, expected_batch_size=8, max_length=32, lora_r=2)
+    coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=1, expected_batch_size=8, max_length=32, lora_rank=2)
     coder.fit(train, splits["dev"])
     assert coder.labels == LABELS and "Z99.RARE" not in coder.labels
     assert coder.predict_proba(splits["test"][:2]).shape == (2, len(LABELS))

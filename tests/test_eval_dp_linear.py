@@ -115,8 +115,7 @@ def test_sweep_dispatches_to_the_linear_coders(splits):
         dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], LABELS, epsilons=[1.0], coder="svm")
 
 
-def test_cli_coder_option(capsys, monkeypatch):
-    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)  # a user error exits 2
+def test_cli_coder_option(capsys):
     assert typing.get_args(typing.get_type_hints(DPClassifierConfig)["coder"]) == tuple(DP_CODERS)
     base = ["dp-classifier", "corpus=default", "reader_options.n_patients=80", "epsilons=[1]", "bootstrap=0"]
     main([*base, "coder=hashed", "steps=5", "expected_batch_size=16"])

@@ -201,8 +201,7 @@ def test_synthesize_adds_epsilons_only_at_one_privacy_unit(merged_dir, tmp_path)
     assert manifest["total_epsilon"] == 3.2 and manifest["total_delta"] == 1e-4
 
 
-def test_the_merge_and_generate_commands_take_settings(run_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("DPNOTES_DEBUG", raising=False)  # a user error exits 2
+def test_the_merge_and_generate_commands_take_settings(run_dir, tmp_path, capsys):
     from dpnotes.generation import merge, synthesize as synthesize_command
 
     merge.main([f"run_dir={run_dir}", f"output_dir={tmp_path / 'merged'}"])

@@ -28,7 +28,7 @@ from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.errors import UserError
 from dpnotes.evaluation import leakage
 from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, compare_train_sets
-from dpnotes.evaluation.dp_sweep import DP_CODERS, dp_epsilon_sweep
+from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings, dp_epsilon_sweep
 from dpnotes.evaluation.fidelity import embed_texts, fidelity_report
 from dpnotes.models import load_causal_lm
 from dpnotes.prompting import prompt_format_from
@@ -38,7 +38,6 @@ class CLIError(UserError):
     pass
 
 
-DPCoderKind = Literal["lora", "probe", "hashed"]  # the names of DP_CODERS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,34 +71,6 @@ class CodersConfig(NotesConfig):
     batch_size: int = 16
     learning_rate: float = 5e-5
     max_length: int = 256
-
-
-@dataclass(kw_only=True)
-class DPCoderSettings:
-    """A DP coder's training settings, named as in training; None keeps the chosen coder's default
-    (they differ: a linear head wants larger batches and learning rates than LoRA)."""
-
-    model: str | None = None  # encoder alias or folder (lora, probe)
-    max_length: int | None = None  # tokens per note (lora, probe)
-    lora_rank: int | None = None  # lora
-    steps: int | None = None
-    expected_batch_size: int | None = None
-    learning_rate: float | None = None
-    max_grad_norm: float | None = None
-
-    def coder_options(self, coder: str) -> dict:
-        """The settings given, as keyword options of the coder of kind `coder` (DP_CODERS)."""
-        if coder not in DP_CODERS:
-            raise CLIError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
-        given = {"model": self.model, "max_length": self.max_length, "lora_r": self.lora_rank, "steps": self.steps,
-                 "expected_batch_size": self.expected_batch_size, "lr": self.learning_rate,
-                 "max_grad_norm": self.max_grad_norm}
-        options = {name: value for name, value in given.items() if value is not None}
-        if coder == "hashed" and {"model", "max_length"} & set(options):
-            raise CLIError("model and max_length configure an encoder: coder hashed has none")
-        if coder != "lora" and "lora_r" in options:
-            raise CLIError(f"lora_rank configures LoRA adapters: coder {coder} has none")
-        return options
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,37 +58,42 @@ def _classifier_output(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+@dataclass(frozen=True)
+class DPTraining:
+    """The DP training settings every DP coder takes; each coder class has its own defaults."""
+
+    steps: int
+    expected_batch_size: int | None  # None: the coder's choice from the number of units
+    micro_batch_size: int
+    max_grad_norm: float
+    learning_rate: float
+    delta: float | None = None  # None: 1 / (10 · units)
+    privacy_unit: str = "patient"
+    head_bias_init: float | None = -3.0
+    seed: int = 0  # model initialisation and dropout: public randomness
+    privacy_seed: int | None = None  # sampling and noise; None: secret keys from OS entropy
+
+
 class DPCoder(Coder):
     """What every DP coder shares: the public label space, the privacy units and the DP training
     loop through `PrivacyEngine`, which records the `privacy_` report. Subclasses build a model
-    whose trainable parameters all have norm rules, and a `fetch` that collates examples."""
+    whose trainable parameters all have norm rules, and a `fetch` that collates examples.
 
-    def __init__(
-        self,
-        epsilon: float,
-        labels: Sequence[str],
-        *,
-        delta: float | None,
-        steps: int,
-        expected_batch_size: int | None,
-        micro_batch_size: int,
-        max_grad_norm: float,
-        lr: float,
-        privacy_unit: str,
-        clipping: str,
-        head_bias_init: float | None,
-        seed: int,
-        privacy_seed: int | None,
-        log: Callable[[str], None] | None,
-    ):
+    `training`: fields of `DPTraining` that replace the subclass's `TRAINING` defaults."""
+
+    TRAINING: ClassVar[DPTraining]
+
+    def __init__(self, epsilon: float, labels: Sequence[str], *, clipping: str, log: Callable[[str], None] | None,
+                 **training):
         if not labels:
             raise EvalInputError("the DP coder needs a public label list (dpnotes.corpus.code_lists)")
-        self.epsilon, self.public_labels, self.delta = epsilon, sorted(set(labels)), delta
-        self.steps, self.expected_batch_size, self.micro_batch_size = steps, expected_batch_size, micro_batch_size
-        self.max_grad_norm, self.lr = max_grad_norm, lr
-        self.privacy_unit, self.clipping = privacy_unit, clipping
-        self.seed, self.privacy_seed = seed, privacy_seed  # model initialisation; sampling and noise (None: secret)
-        self.head_bias_init = head_bias_init
+        unknown = sorted(set(training) - {f.name for f in fields(DPTraining)})
+        if unknown:
+            raise EvalInputError(f"{type(self).__name__} has no setting {', '.join(unknown)}")
+        settings = replace(self.TRAINING, **training)
+        self.epsilon, self.public_labels, self.clipping = epsilon, sorted(set(labels)), clipping
+        for setting in fields(settings):
+            setattr(self, setting.name, getattr(settings, setting.name))
         self.log = log or (lambda message: None)
 
     def _public_targets(self, train: Sequence[Note]) -> torch.Tensor:
@@ -153,33 +159,15 @@ class DPCoder(Coder):
 
 
 class DPLoRACoder(DPCoder):
-    def __init__(
-        self,
-        epsilon: float,
-        labels: Sequence[str],
-        model: str | ModelFactory = "minilm",
-        delta: float | None = None,
-        steps: int = 100,
-        expected_batch_size: int = 64,
-        micro_batch_size: int = 32,
-        max_grad_norm: float = 1.0,
-        lr: float = 2e-3,
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        target_modules: Sequence[str] = ("query", "value"),
-        max_length: int = 128,
-        privacy_unit: str = "patient",
-        clipping: str = "bk",
-        head_bias_init: float | None = -3.0,
-        seed: int = 0,
-        privacy_seed: int | None = None,
-        log: Callable[[str], None] | None = None,
-    ):
-        super().__init__(epsilon, labels, delta=delta, steps=steps, expected_batch_size=expected_batch_size,
-                         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, lr=lr,
-                         privacy_unit=privacy_unit, clipping=clipping, head_bias_init=head_bias_init, seed=seed,
-                         privacy_seed=privacy_seed, log=log)
-        self.model_spec, self.lora_r, self.lora_alpha = model, lora_r, lora_alpha
+    """A MiniLM sequence classifier fine-tuned with DP-LoRA (adapters on query/value, the head in full)."""
+
+    TRAINING = DPTraining(steps=100, expected_batch_size=64, micro_batch_size=32, max_grad_norm=1.0, learning_rate=2e-3)
+
+    def __init__(self, epsilon: float, labels: Sequence[str], model: str | ModelFactory = "minilm", lora_rank: int = 8,
+                 lora_alpha: int = 16, target_modules: Sequence[str] = ("query", "value"), max_length: int = 128,
+                 clipping: str = "bk", log: Callable[[str], None] | None = None, **training):
+        super().__init__(epsilon, labels, clipping=clipping, log=log, **training)
+        self.model_spec, self.lora_rank, self.lora_alpha = model, lora_rank, lora_alpha
         self.target_modules, self.max_length = list(target_modules), max_length
 
     def _build(self, num_labels: int):
@@ -194,7 +182,7 @@ class DPLoRACoder(DPCoder):
                 # run walking the output biases from 0 (p = 0.5) down, at ~lr per step.
                 with torch.no_grad():
                     _classifier_output(base).bias.fill_(self.head_bias_init)
-            config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
+            config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
                                 lora_dropout=0.0, modules_to_save=["classifier"])
             model = get_peft_model(base, config)
         return model, tokenizer
@@ -216,7 +204,7 @@ class DPLoRACoder(DPCoder):
 
         trainable = [p for p in self.model_.parameters() if p.requires_grad]
         self._train_private(self.model_, fetch, multilabel_classification_losses, train,
-                            torch.optim.Adam(trainable, lr=self.lr))
+                            torch.optim.Adam(trainable, lr=self.learning_rate))
         return self
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from torch import nn
 
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.coders import EvalInputError, _require_notes, mean_pool
-from dpnotes.evaluation.dp_classifier import DPCoder
+from dpnotes.evaluation.dp_classifier import DPCoder, DPTraining
 from dpnotes.models import load_encoder
 
 EncoderFactory = Callable[[], tuple[nn.Module, object]]  # () -> (encoder, tokenizer), as EncoderCoder takes
@@ -165,7 +165,7 @@ class DPLinearCoder(DPCoder):
     * SGD with momentum 0.9, not Adam: Adam divides each coordinate by its (noise-dominated) RMS,
       so the many coordinates that carry only noise take full-size steps; with hashed n-grams SGD
       gave weighted F1 0.944 against Adam's best 0.903, with the probe 0.795 against 0.750.
-    * max_grad_norm 0.1 with lr 50: nearly every unit is clipped (per-patient norms are ~1-4 at
+    * max_grad_norm 0.1 with learning_rate 50: nearly every unit is clipped (per-patient norms are ~1-4 at
       the start), so each contributes a normalised direction and only lr·C = 5 sets the step.
       lr·C 2.5 and 10 gave 0.934 and 0.920; C = 1 with lr 10 gave 0.903.
     * 300 steps: 150 at the same lr gave 0.930 (the noise per step is lower but the fit shorter).
@@ -182,28 +182,11 @@ class DPLinearCoder(DPCoder):
     FULL_BATCH_UNITS = 2048
     BATCH = 1024
 
-    def __init__(
-        self,
-        epsilon: float,
-        labels: Sequence[str],
-        features: HashedNgramFeatures | FrozenEncoderFeatures,
-        delta: float | None = None,
-        steps: int = 300,
-        expected_batch_size: int | None = None,
-        micro_batch_size: int = 512,
-        max_grad_norm: float = 0.1,
-        lr: float = 50.0,
-        momentum: float = 0.9,
-        privacy_unit: str = "patient",
-        head_bias_init: float | None = -3.0,
-        seed: int = 0,
-        privacy_seed: int | None = None,
-        log: Callable[[str], None] | None = None,
-    ):
-        super().__init__(epsilon, labels, delta=delta, steps=steps, expected_batch_size=expected_batch_size,
-                         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, lr=lr,
-                         privacy_unit=privacy_unit, clipping="bk", head_bias_init=head_bias_init, seed=seed,
-                         privacy_seed=privacy_seed, log=log)
+    TRAINING = DPTraining(steps=300, expected_batch_size=None, micro_batch_size=512, max_grad_norm=0.1, learning_rate=50.0)
+
+    def __init__(self, epsilon: float, labels: Sequence[str], features: HashedNgramFeatures | FrozenEncoderFeatures,
+                 momentum: float = 0.9, log: Callable[[str], None] | None = None, **training):
+        super().__init__(epsilon, labels, clipping="bk", log=log, **training)
         self.features, self.momentum = features, momentum
 
     def _expected_batch(self, num_units: int) -> int:
@@ -229,7 +212,7 @@ class DPLinearCoder(DPCoder):
             return {"features": _dense(x[indices]), "labels": targets[indices]}
 
         self._train_private(self.model_, fetch, multilabel_summed_losses, train,
-                            torch.optim.SGD(self.model_.parameters(), lr=self.lr, momentum=self.momentum))
+                            torch.optim.SGD(self.model_.parameters(), lr=self.learning_rate, momentum=self.momentum))
         return self
 
     @torch.no_grad()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
 
 from dpnotes.corpus import Note
 from dpnotes.evaluation.coders import EvalInputError, _require_notes, evaluate_coder
@@ -31,6 +33,35 @@ def _linear_coders(kind: str) -> Callable[..., Callable[[float], DPCoder]]:
 DP_CODERS: dict[str, Callable[..., Callable[[float], DPCoder]]] = {
     "lora": _lora_coders, "probe": _linear_coders("probe"), "hashed": _linear_coders("hashed"),
 }
+
+
+DPCoderKind = Literal["lora", "probe", "hashed"]  # the names of DP_CODERS
+
+
+@dataclass(kw_only=True)
+class DPCoderSettings:
+    """A DP coder's training settings, named as in training; None keeps the chosen coder's default
+    (they differ: a linear head wants larger batches and learning rates than LoRA)."""
+
+    model: str | None = None  # encoder alias or folder (lora, probe)
+    max_length: int | None = None  # tokens per note (lora, probe)
+    lora_rank: int | None = None  # lora
+    steps: int | None = None
+    expected_batch_size: int | None = None
+    learning_rate: float | None = None
+    max_grad_norm: float | None = None
+
+    def coder_options(self, coder: str) -> dict:
+        """The settings given, as keyword options of the coder of kind `coder`."""
+        if coder not in DP_CODERS:
+            raise EvalInputError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
+        # Only these settings: a config that extends them (eval's DPClassifierConfig) holds others too.
+        options = {f.name: getattr(self, f.name) for f in fields(DPCoderSettings) if getattr(self, f.name) is not None}
+        if coder == "hashed" and {"model", "max_length"} & set(options):
+            raise EvalInputError("model and max_length configure an encoder: coder hashed has none")
+        if coder != "lora" and "lora_rank" in options:
+            raise EvalInputError(f"lora_rank configures LoRA adapters: coder {coder} has none")
+        return options
 
 
 def dp_epsilon_sweep(

@@ -29,7 +29,7 @@ from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_w
 from dpnotes.console import command
 from dpnotes.corpus import Note, load_configured_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.evaluation.cli import DPCoderKind, DPCoderSettings
+from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
 from dpnotes.generation.backends import resolve_backend
