@@ -4,6 +4,7 @@ real vLLM in test_vllm_server.py)."""
 import json
 import math
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -234,13 +235,16 @@ def test_the_training_report_may_come_from_the_run_when_the_model_folder_has_non
     assert math.isinf(alone["total_epsilon"]) and alone["total_delta"] is None  # no report: no guarantee claimed
 
 
-class FakeCompletions(BaseHTTPRequestHandler):
+class CompletionsServer(BaseHTTPRequestHandler):
+    """A stand-in OpenAI completions endpoint: `answer(body) -> (status, reply)`."""
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        raise NotImplementedError
+
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        answer = {"choices": [{"text": f" note for {body['prompt'].splitlines()[0]} seed {body['seed']}"}],
-                  "usage": {"completion_tokens": 7}}
-        payload = json.dumps(answer).encode()
-        self.send_response(200)
+        status, reply = self.answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        payload = json.dumps(reply).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -250,42 +254,41 @@ class FakeCompletions(BaseHTTPRequestHandler):
         pass
 
 
-def test_vllm_server_client_speaks_the_openai_completions_protocol():
-    server = HTTPServer(("127.0.0.1", 0), FakeCompletions)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+@contextmanager
+def serving(handler: type[CompletionsServer]):
+    """A vllm-server backend talking to `handler` on a free loopback port."""
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        backend = make_backend("vllm-server", "merged", url=f"http://127.0.0.1:{server.server_port}")
-        out = backend.generate(["Codes: I10\nNote:\n", "Codes: J44.9\nNote:\n"], 4, 2, SamplingConfig())
+        yield make_backend("vllm-server", "merged", url=f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
+
+
+class FakeCompletions(CompletionsServer):
+    def answer(self, body):
+        return 200, {"choices": [{"text": f" note for {body['prompt'].splitlines()[0]} seed {body['seed']}"}],
+                     "usage": {"completion_tokens": 7}}
+
+
+class RefusingCompletions(CompletionsServer):
+    def answer(self, body):
+        return 400, {"error": {"message": "prompt longer than max_model_len"}}
+
+
+def test_vllm_server_client_speaks_the_openai_completions_protocol():
+    with serving(FakeCompletions) as backend:
+        out = backend.generate(["Codes: I10\nNote:\n", "Codes: J44.9\nNote:\n"], 4, 2, SamplingConfig())
     assert [o.text for o in out] == ["note for Codes: I10 seed 2000010", "note for Codes: J44.9 seed 2000011"]
     assert all(o.new_tokens == 7 for o in out)
-
-
-class RefusingCompletions(BaseHTTPRequestHandler):
-    def do_POST(self):
-        payload = b'{"error": {"message": "prompt longer than max_model_len"}}'
-        self.send_response(400)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
 
 
 def test_a_refused_request_says_what_the_server_said():
     from dpnotes.generation.vllm_server import VLLMServerError
 
-    server = HTTPServer(("127.0.0.1", 0), RefusingCompletions)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        backend = make_backend("vllm-server", "merged", url=f"http://127.0.0.1:{server.server_port}")
+    with serving(RefusingCompletions) as backend:
         with pytest.raises(VLLMServerError, match="refused a request \\(400\\).*longer than max_model_len"):
             backend.generate(["Codes: I10\n"], 0, 0, SamplingConfig())
-    finally:
-        server.shutdown()
 
 
 def test_unknown_backend_is_named():

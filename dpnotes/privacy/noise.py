@@ -1,6 +1,7 @@
 """Gaussian mechanism on the clipped sum: N(0, σ²C²) once per coordinate per logical step."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -8,15 +9,17 @@ import torch
 from dpnotes.privacy.randomness import REPLICATED, gaussian, stream
 
 
+@dataclass(frozen=True)
 class GaussianNoise:
     """Noise of std σC drawn from the secret noise key's stream of (step, rank)."""
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, key: int):
-        if noise_multiplier < 0:
-            raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
-        self.noise_multiplier = noise_multiplier
-        self.max_grad_norm = max_grad_norm
-        self.key = key
+    noise_multiplier: float
+    max_grad_norm: float
+    key: int = field(repr=False)  # secret: whoever knows it can subtract the noise
+
+    def __post_init__(self):
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
 
     @property
     def std(self) -> float:

@@ -7,6 +7,7 @@ subsampled-Gaussian analysis assumes. Micro-batches bound memory whatever the lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from dpnotes.privacy.randomness import stream
 
 
+@dataclass(frozen=True)
 class PoissonSampler:
     """Draws the logical batch of each step from the secret sampling key's stream of that step.
 
@@ -21,14 +23,15 @@ class PoissonSampler:
     a function of (key, step), so a resumed run samples what the uninterrupted run would have.
     """
 
-    def __init__(self, num_units: int, sample_rate: float, key: int):
-        if num_units <= 0:
+    num_units: int
+    sample_rate: float
+    key: int = field(repr=False)  # secret: whoever knows it knows who was in each batch
+
+    def __post_init__(self):
+        if self.num_units <= 0:
             raise ValueError("cannot sample from an empty data set")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-        self.num_units = num_units
-        self.sample_rate = sample_rate
-        self.key = key
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
 
     @property
     def expected_batch_size(self) -> float:

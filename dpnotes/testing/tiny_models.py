@@ -86,18 +86,8 @@ def _opt_fields(vocab, hidden, layers, heads, kv_heads, intermediate, max_positi
 DECODER_FAMILIES = tuple(sorted(_FAMILIES))
 
 
-def tiny_causal_lm(
-    family: str,
-    vocab: int = 128,
-    hidden: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 64,
-    tie: bool = False,
-    seed: int = 0,
-    max_positions: int = 256,
-) -> PreTrainedModel:
+def tiny_causal_lm(family: str, vocab: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                   intermediate: int = 64, tie: bool = False, seed: int = 0, max_positions: int = 256) -> PreTrainedModel:
     """A tiny random causal LM of one of `DECODER_FAMILIES`, as transformers builds it from a config."""
     config_name, fields = _FAMILIES[family]
     cfg = getattr(transformers, config_name)(
@@ -124,17 +114,9 @@ def tiny_gpt2(tie: bool = True, **size) -> PreTrainedModel:
     return tiny_causal_lm("gpt2", tie=tie, **size)
 
 
-def tiny_bert(
-    num_labels: int | None = None,
-    vocab: int = 128,
-    hidden: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    intermediate: int = 64,
-    seed: int = 0,
-    max_positions: int = 256,
-    problem_type: str = "multi_label_classification",
-) -> PreTrainedModel:
+def tiny_bert(num_labels: int | None = None, vocab: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4,
+              intermediate: int = 64, seed: int = 0, max_positions: int = 256,
+              problem_type: str = "multi_label_classification") -> PreTrainedModel:
     """A BertModel encoder, or BertForSequenceClassification when ``num_labels`` is given."""
     cfg = BertConfig(
         vocab_size=vocab,
