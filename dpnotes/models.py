@@ -178,6 +178,11 @@ def _tokenizer_with_pad(path: Path | str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a causal LM, with a pad token."""
+    return _tokenizer_with_pad(resolve_model(name))
+
+
 def load_causal_lm(
     name: str, dtype: torch.dtype = torch.float32, **from_pretrained_kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpnotes.corpus import Note, examples_by_patient
+from dpnotes.digests import source_digest
 from dpnotes.prompting import PromptFormat
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss, no gradient
@@ -114,23 +115,34 @@ def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length:
 def tokenize_notes(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat,
                    cache: str | Path | None = None, num_proc: int | None = None) -> TokenizedNotes:
     """Tokenize by batched map (the fast tokenizer on 1,000 notes per call). With `cache`, reuse the
-    table stored under this input's key, or build and store it there (owner-only)."""
-    if cache is not None:
-        folder = Path(cache) / tokenization_key(notes, tokenizer, max_length, prompt)
-        if (folder / UNITS_FILE).exists():  # written last: the folder is complete
-            return _load(folder, tokenizer.pad_token_id)
+    table stored under the key of these notes, or build and store it there (owner-only)."""
+    if cache is None:
+        return _tokenize(notes, tokenizer, max_length, prompt, num_proc, in_memory=True)
+    return load_tokenized(notes_digest(notes), lambda: notes, tokenizer, max_length, prompt, cache, num_proc)
+
+
+def load_tokenized(source_key: str, read_notes: Callable[[], Sequence[Note]], tokenizer: PreTrainedTokenizerBase,
+                   max_length: int, prompt: PromptFormat, cache: str | Path, num_proc: int | None = None) -> TokenizedNotes:
+    """The tokens of the notes `source_key` names, from the cache; on a miss `read_notes()` reads
+    them (with its validation and errors) and their table is stored. A re-launch reads no note."""
+    folder = Path(cache) / tokenization_key(source_key, tokenizer, max_length, prompt)
+    if not (folder / UNITS_FILE).exists():  # written last: a folder with it is complete
+        _store(_tokenize(read_notes(), tokenizer, max_length, prompt, num_proc, in_memory=False), folder)
+    units = np.load(folder / UNITS_FILE)
+    return TokenizedNotes(datasets.load_from_disk(str(folder)), tokenizer.pad_token_id,
+                          PatientUnits(units["order"], units["offsets"]))
+
+
+def _tokenize(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat,
+              num_proc: int | None, in_memory: bool) -> TokenizedNotes:
     source = datasets.Dataset.from_dict({"patient_id": [n.patient_id for n in notes], "text": [n.text for n in notes],
                                          "codes": [list(n.codes) for n in notes]})
     workers = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if len(notes) >= 20_000 else None)
     table = source.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
                        remove_columns=source.column_names, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
                                                                       "prompt": prompt},
-                       desc="tokenizing notes" if len(notes) >= 20_000 else None, keep_in_memory=cache is None)
-    data = TokenizedNotes(table, tokenizer.pad_token_id)
-    if cache is None:
-        return data
-    _store(data, folder)
-    return _load(folder, tokenizer.pad_token_id)
+                       desc="tokenizing notes" if len(notes) >= 20_000 else None, keep_in_memory=in_memory)
+    return TokenizedNotes(table, tokenizer.pad_token_id)
 
 
 def _store(data: TokenizedNotes, folder: Path) -> None:
@@ -150,19 +162,22 @@ def _store(data: TokenizedNotes, folder: Path) -> None:
         os.umask(previous)
 
 
-def _load(folder: Path, pad_token_id: int) -> TokenizedNotes:
-    units = np.load(folder / UNITS_FILE)
-    return TokenizedNotes(datasets.load_from_disk(str(folder)), pad_token_id, PatientUnits(units["order"], units["offsets"]))
-
-
-def tokenization_key(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat) -> str:
-    """Digest of everything the tokens depend on: the notes (patient, text, codes, in order), the
-    tokenizer (its vocabulary and rules, eos and chat template), the prompt format and max_length."""
+def notes_digest(notes: Sequence[Note]) -> str:
+    """Digest of what tokenization reads of the notes: patient, text and codes, in order."""
     digest = hashlib.sha256()
     for note in notes:
         digest.update(json.dumps([note.patient_id, note.text, list(note.codes)]).encode())
+    return digest.hexdigest()
+
+
+def tokenization_key(source_key: str, tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat) -> str:
+    """Digest of everything the tokens depend on: their source (`notes_digest`, or the fingerprint
+    of a corpus and its split), the tokenizer (its vocabulary and rules, eos and chat template), the
+    prompt format and max_length."""
+    digest = hashlib.sha256(source_key.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     digest.update(json.dumps([hashlib.sha256(vocabulary.encode()).hexdigest(), tokenizer.eos_token_id,
-                              getattr(tokenizer, "chat_template", None), prompt.to_dict(), max_length]).encode())
+                              getattr(tokenizer, "chat_template", None), prompt.to_dict(), max_length,
+                              source_digest("dpnotes.tokenized_notes", "dpnotes.prompting")]).encode())
     return digest.hexdigest()[:24]

@@ -4,10 +4,10 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from dpnotes.corpus import examples_by_patient, generate_default_corpus, split_by_patient
+from dpnotes.corpus import corpus_fingerprint, examples_by_patient, generate_default_corpus, read_notes, split_by_patient, write_notes
 from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.testing.reference_tokenization import tokenize_note_by_note
-from dpnotes.tokenized_notes import IGNORE_INDEX, tokenization_key, tokenize_notes
+from dpnotes.tokenized_notes import IGNORE_INDEX, load_tokenized, notes_digest, tokenization_key, tokenize_notes
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_the_cache_is_reused_without_tokenizing_and_is_owner_only(demo_notes, ti
     prompt, notes = prompt_format_for("default"), demo_notes[:200]
     first = tokenize_notes(notes, tokenizer, 160, prompt, cache=tmp_path)
     (entry,) = [p for p in tmp_path.iterdir()]
-    assert entry.name == tokenization_key(notes, tokenizer, 160, prompt)
+    assert entry.name == tokenization_key(notes_digest(notes), tokenizer, 160, prompt)
     assert all(path.stat().st_mode & 0o077 == 0 for path in [entry, *entry.rglob("*")])
 
     def no_tokenizing(*args, **kwargs):
@@ -63,9 +63,26 @@ def test_the_cache_is_reused_without_tokenizing_and_is_owner_only(demo_notes, ti
 def test_the_key_changes_with_what_the_tokens_depend_on(demo_notes, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     notes, prompt = demo_notes[:50], prompt_format_for("default")
-    key = tokenization_key(notes, tokenizer, 160, prompt)
-    assert tokenization_key(notes[:-1], tokenizer, 160, prompt) != key
-    assert tokenization_key(notes, tokenizer, 161, prompt) != key
-    assert tokenization_key(notes, tokenizer, 160, PromptFormat("clinical note", "none")) != key
+    key = tokenization_key(notes_digest(notes), tokenizer, 160, prompt)
+    assert tokenization_key(notes_digest(notes[:-1]), tokenizer, 160, prompt) != key
+    assert tokenization_key(notes_digest(notes), tokenizer, 161, prompt) != key
+    assert tokenization_key(notes_digest(notes), tokenizer, 160, PromptFormat("clinical note", "none")) != key
     edited = [notes[0].__class__(notes[0].id, notes[0].patient_id, notes[0].text + ".", notes[0].codes), *notes[1:]]
-    assert tokenization_key(edited, tokenizer, 160, prompt) != key
+    assert tokenization_key(notes_digest(edited), tokenizer, 160, prompt) != key
+
+
+def test_a_cached_corpus_is_not_read_again(demo_notes, tiny_model_dir, tmp_path):
+    """A re-launch finds the tokens under the corpus's fingerprint and never reads a note."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    corpus = tmp_path / "notes.jsonl"
+    write_notes(demo_notes[:100], corpus)
+    source, prompt = corpus_fingerprint(str(corpus)), prompt_format_for("default")
+    first = load_tokenized(source, lambda: read_notes(corpus), tokenizer, 160, prompt, tmp_path / "cache")
+
+    def unread():
+        raise AssertionError("the corpus was read again")
+
+    again = load_tokenized(source, unread, tokenizer, 160, prompt, tmp_path / "cache")
+    assert [again.example(i) for i in range(100)] == [first.example(i) for i in range(100)]
+    write_notes(demo_notes[:99], corpus)  # the file changed: another fingerprint, read again
+    assert corpus_fingerprint(str(corpus)) != source

@@ -7,6 +7,7 @@ from typing import Any
 from dpnotes.corpus.mimic import read_mimic3_dir, read_mimic4_dir
 from dpnotes.corpus.public_corpora import read_cmc2007, read_mtsamples
 from dpnotes.corpus.readers import SCHEMA_SUFFIXES, read_notes
+from dpnotes.digests import digest, source_digest
 from dpnotes.corpus.schema import CorpusError, Note, unreadable_as_corpus_error, validate_notes
 
 PREFIXED_READERS = {
@@ -46,6 +47,25 @@ def load_corpus(spec: str | Path, **options: Any) -> list[Note]:
     if path.suffix in SCHEMA_SUFFIXES:
         return read_notes(path, **options)
     raise CorpusError(text, "unknown corpus (use a prefix such as mtsamples:, cmc2007:, mimic3:, mimic4:)")
+
+
+READER_MODULES = ("dpnotes.corpus.load", "dpnotes.corpus.readers", "dpnotes.corpus.schema", "dpnotes.corpus.mimic",
+                  "dpnotes.corpus.public_corpora", "dpnotes.corpus.synthetic_default", "dpnotes.corpus.default_code_bank",
+                  "dpnotes.corpus.splits")
+
+
+def corpus_fingerprint(spec: str, **options: Any) -> str:
+    """A digest that changes whenever the notes a spec names can change, computed without reading
+    a note: the spec, the reader options and the readers' code, and for files the path, size and
+    modification time of each (the default corpus is a function of its options)."""
+    text = str(spec)
+    prefix, has_prefix, rest = text.partition(":")
+    location = Path(rest if has_prefix and prefix in PREFIXED_READERS else text)
+    files = [] if text == "default" else sorted(location.rglob("*")) if location.is_dir() else [location]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    if text != "default" and not stats:
+        raise CorpusError(text, "file not found")
+    return digest(text, options, stats, source_digest(*READER_MODULES))
 
 
 def load_configured_corpus(spec: str, *, default_patients: int = 400, canaries: int = 0, seed: int = 0) -> list[Note]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import shutil
@@ -27,6 +26,7 @@ import yaml
 
 from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_with_overrides, read_yaml
 from dpnotes.console import command
+from dpnotes.digests import digest, source_digest
 from dpnotes.corpus import Note, load_configured_corpus, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
@@ -69,16 +69,6 @@ class PipelineConfig:
     dp_coder_options: dict[str, DPCoderSettings] = field(default_factory=dict)
     dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     report_to: str = "wandb"
-
-
-def digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def source_digest(*modules: str) -> str:
-    """Digest of the named modules' source files: a cached result is recomputed when the code that
-    computed it changes (its defaults included), not only when its options do."""
-    return digest(*(hashlib.sha256(Path(importlib.util.find_spec(m).origin).read_bytes()).hexdigest() for m in modules))
 
 
 CODER_MODULES = ("dpnotes.evaluation.coders", "dpnotes.evaluation.metrics")

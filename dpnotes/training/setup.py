@@ -16,12 +16,13 @@ import torch
 from accelerate import Accelerator, PartialState
 from transformers import PreTrainedTokenizerBase
 
-from dpnotes.corpus import Note, examples_by_patient, load_configured_corpus, split_by_patient
-from dpnotes.models import load_causal_lm, token_cache
+from dpnotes.corpus import Note, corpus_fingerprint, load_configured_corpus, split_by_patient
+from dpnotes.digests import digest
+from dpnotes.models import load_causal_lm, load_tokenizer, token_cache
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
-from dpnotes.tokenized_notes import TokenizedNotes, tokenize_notes
+from dpnotes.tokenized_notes import TokenizedNotes, load_tokenized
 from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint
 from dpnotes.training.config import TrainConfig, config_dict
 from dpnotes.training.model_setup import count_trainable, prepare_trainable
@@ -34,6 +35,17 @@ def load_training_notes(config: TrainConfig) -> list[Note]:
     notes = load_configured_corpus(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
                                    seed=config.split_seed)
     return split_by_patient(notes, seed=config.split_seed)["train"]
+
+
+def load_training_data(config: TrainConfig, accelerator: Accelerator) -> TokenizedNotes:
+    """The train split's tokens from the token cache, keyed by the corpus's fingerprint (no note is
+    read to compute it). On a miss the main process reads, validates, splits and tokenizes the
+    corpus first; the other ranks then memory-map what it stored."""
+    source = digest(corpus_fingerprint(config.corpus, n_patients=config.corpus_patients, canaries=config.canaries,
+                                       seed=config.split_seed), "train split", config.split_seed)
+    with accelerator.main_process_first():
+        return load_tokenized(source, lambda: load_training_notes(config), load_tokenizer(config.model),
+                              config.max_length, config.prompt_format(), token_cache())
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -99,18 +111,14 @@ class TrainingRun:
 
 def setup(config: TrainConfig) -> TrainingRun:
     """Build (or, when output_dir holds a checkpoint of this configuration, resume) a run."""
-    notes = load_training_notes(config)
-    patient_unit = config.privacy.privacy_unit == "patient"
-    units = len(examples_by_patient([n.patient_id for n in notes])) if patient_unit else len(notes)
-    config.privacy.validated_delta(units)  # bad privacy settings fail before any model is loaded
     accelerator = make_accelerator(config)
+    data = load_training_data(config, accelerator)
+    examples_of_unit = data.examples_of_patient if config.privacy.privacy_unit == "patient" else None
+    num_units = len(examples_of_unit) if examples_of_unit is not None else len(data)
+    config.privacy.validated_delta(num_units)  # bad privacy settings fail before the model is loaded
     claim_output_dir(Path(config.output_dir), config, write=accelerator.is_main_process)
     model, tokenizer = load_model(config, accelerator.device)
-    # One rank tokenizes into the cache; the others then memory-map the same files.
-    with accelerator.main_process_first():
-        data = tokenize_notes(notes, tokenizer, config.max_length, config.prompt_format(), cache=token_cache())
-    examples_of_unit = data.examples_of_patient if patient_unit else None
-    engine = PrivacyEngine(model, config.privacy, len(examples_of_unit) if patient_unit else len(data), examples_of_unit)
+    engine = PrivacyEngine(model, config.privacy, num_units, examples_of_unit)
     backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
     accelerator.register_for_checkpointing(*backend.checkpointed(), engine)
     print(
