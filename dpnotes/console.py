@@ -26,6 +26,7 @@ VERBOSE_ENV, DEBUG_ENV = "DPNOTES_VERBOSE", "DPNOTES_DEBUG"
 # Read by the libraries at import, also in the processes a command starts.
 QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
                      "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "error",
+                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                      "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
@@ -50,6 +51,10 @@ def quiet_third_party(verbose: bool) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def command(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int | None]:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -137,12 +138,25 @@ def _tokenize(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_len
               num_proc: int | None, in_memory: bool) -> TokenizedNotes:
     source = datasets.Dataset.from_dict({"patient_id": [n.patient_id for n in notes], "text": [n.text for n in notes],
                                          "codes": [list(n.codes) for n in notes]})
-    workers = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if len(notes) >= 20_000 else None)
-    table = source.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
-                       remove_columns=source.column_names, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                                                      "prompt": prompt},
-                       desc="tokenizing notes" if len(notes) >= 20_000 else None, keep_in_memory=in_memory)
+    long_work = len(notes) >= 20_000
+    workers = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if long_work else None)
+    with progress_bar(long_work):  # ours for a large corpus; datasets' own bars stay quiet otherwise
+        table = source.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
+                           remove_columns=source.column_names, desc="tokenizing notes (once: they are cached)",
+                           fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "prompt": prompt},
+                           keep_in_memory=in_memory)
     return TokenizedNotes(table, tokenizer.pad_token_id)
+
+
+@contextmanager
+def progress_bar(shown: bool):
+    """Show datasets' progress bar inside the block iff `shown`, then restore its setting."""
+    before = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if shown else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
 
 
 def _store(data: TokenizedNotes, folder: Path) -> None:

@@ -255,13 +255,17 @@ class PrivacyParameterError(UserError):
     """A privacy setting that is invalid or meaningless (ε ≤ 0, δ ≥ 1/N, ...)."""
 
 
+def check_epsilon(epsilon: float) -> None:
+    if math.isnan(epsilon) or epsilon <= 0:
+        raise PrivacyParameterError(f"epsilon must be > 0 (or inf for non-private training), got {epsilon}")
+
+
 def check_privacy_params(epsilon: float, delta: float, dataset_size: int) -> None:
     """Reject privacy targets that are invalid or meaningless for ``dataset_size`` privacy units.
 
     ``epsilon = inf`` means non-private training; δ is then irrelevant and not checked.
     """
-    if math.isnan(epsilon) or epsilon <= 0:
-        raise PrivacyParameterError(f"epsilon must be > 0 (or inf for non-private training), got {epsilon}")
+    check_epsilon(epsilon)
     if dataset_size < 1:
         raise PrivacyParameterError(f"dataset_size must be >= 1, got {dataset_size}")
     if epsilon == math.inf:

@@ -21,7 +21,13 @@ from typing import Callable, Iterator, Literal, Protocol, Sequence
 import torch
 from torch import nn
 
-from dpnotes.privacy.accounting import calibrate_noise_multiplier, check_privacy_params, make_accountant
+from dpnotes.privacy.accounting import (
+    PrivacyParameterError,
+    calibrate_noise_multiplier,
+    check_epsilon,
+    check_privacy_params,
+    make_accountant,
+)
 from dpnotes.privacy.clipping import ClipResult, ClippingMode, PerExampleClipper
 from dpnotes.privacy.noise import GaussianNoise
 from dpnotes.privacy.randomness import SecretKeys, shared_keys
@@ -47,18 +53,24 @@ class PrivacyConfig:
     # keys from it: for tests and audits only, and every result then says "not private: fixed seed".
     seed: int | None = None
 
+    def check(self) -> None:
+        """The checks that need no data, so that a bad setting stops a run before any work."""
+        check_epsilon(self.target_epsilon)
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise PrivacyParameterError(f"delta must be in (0, 1), got {self.delta}")
+        for name in ("expected_batch_size", "steps", "micro_batch_size"):
+            if getattr(self, name) <= 0:
+                raise PrivacyParameterError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.privacy_unit not in ("sequence", "patient"):
+            raise PrivacyParameterError(f"privacy_unit must be 'sequence' or 'patient', got {self.privacy_unit!r}")
+
     def validated_delta(self, num_units: int) -> float:
         """Check the whole configuration against the number of privacy units; return δ."""
+        self.check()
         delta = self.delta if self.delta is not None else 1.0 / (10 * num_units)
         check_privacy_params(self.target_epsilon, delta, num_units)
-        if not 0 < self.expected_batch_size <= num_units:
-            raise ValueError(f"expected_batch_size must be in [1, {num_units}], got {self.expected_batch_size}")
-        if self.steps <= 0:
-            raise ValueError(f"steps must be > 0, got {self.steps}")
-        if self.micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size must be > 0, got {self.micro_batch_size}")
-        if self.privacy_unit not in ("sequence", "patient"):
-            raise ValueError(f"privacy_unit must be 'sequence' or 'patient', got {self.privacy_unit!r}")
+        if self.expected_batch_size > num_units:
+            raise PrivacyParameterError(f"expected_batch_size must be in [1, {num_units}], got {self.expected_batch_size}")
         return delta
 
 

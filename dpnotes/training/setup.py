@@ -111,6 +111,7 @@ class TrainingRun:
 
 def setup(config: TrainConfig) -> TrainingRun:
     """Build (or, when output_dir holds a checkpoint of this configuration, resume) a run."""
+    config.privacy.check()  # what needs no data fails first; δ < 1/N once the units are known
     accelerator = make_accelerator(config)
     data = load_training_data(config, accelerator)
     examples_of_unit = data.examples_of_patient if config.privacy.privacy_unit == "patient" else None
