@@ -28,7 +28,8 @@ from dpnotes.corpus import corpus_fingerprint, generate_default_corpus, read_not
 from dpnotes.models import resolve_model
 from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.reference_tokenization import tokenize_note_by_note
-from dpnotes.tokenized_notes import IGNORE_INDEX, load_tokenized
+from dpnotes.prompting import IGNORE_INDEX
+from dpnotes.tokenized_notes import load_tokenized
 
 VARIANTS = ("lists", "arrow, first", "arrow, cached")
 

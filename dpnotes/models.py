@@ -29,12 +29,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dpnotes.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _TRUTHY = {"1", "on", "yes", "true"}
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(UserError, RuntimeError):
     """The requested model cannot be found locally and cannot be fetched."""
 
 

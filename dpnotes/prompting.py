@@ -19,6 +19,8 @@ from importlib import resources
 
 from dpnotes.corpus.code_lists import corpus_kind
 
+IGNORE_INDEX = -100  # the label of prompt and padding tokens: no loss, no gradient
+
 CODE_SYSTEMS = ("icd10cm", "icd9cm", "icd", "specialty", "none")  # "icd": ICD-10-CM, else ICD-9-CM (MIMIC-IV)
 PLAIN_NOTE_HEADER = "\nNote:\n"  # ends the prompt of a model without a chat template
 SYSTEM_MESSAGE = "You are a physician who writes realistic, concise clinical documentation."

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpnotes.corpus import Note, load_configured_corpus, split_by_patient, validate_notes
+from dpnotes.corpus import Note, load_configured_splits, validate_notes
 
 
 def epsilon_tag(epsilon: float) -> str:
@@ -64,9 +64,8 @@ class RunDir:
     def training_notes(self) -> list[Note]:
         """The notes this run trained on: its corpus, as recorded in config.json, and its train split."""
         recorded = json.loads(self.config.read_text())
-        notes = load_configured_corpus(recorded["corpus"], default_patients=recorded["corpus_patients"],
-                                       canaries=recorded["canaries"], seed=recorded["split_seed"])
-        return split_by_patient(notes, seed=recorded["split_seed"])["train"]
+        return load_configured_splits(recorded["corpus"], default_patients=recorded["corpus_patients"],
+                                      canaries=recorded["canaries"], seed=recorded["split_seed"])["train"]
 
 
 PRIVACY_REPORT = "privacy_report.json"  # beside every trained or merged model

@@ -27,9 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpnotes.corpus import Note, examples_by_patient
 from dpnotes.digests import source_digest
-from dpnotes.prompting import PromptFormat
+from dpnotes.prompting import IGNORE_INDEX, PromptFormat
 
-IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss, no gradient
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "prompt_length": datasets.Value("int32"), "patient_id": datasets.Value("string")})
 UNITS_FILE = "examples_by_patient.npz"  # beside the table: the patient-level privacy units, computed once
@@ -118,7 +117,7 @@ def tokenize_notes(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, ma
     """Tokenize by batched map (the fast tokenizer on 1,000 notes per call). With `cache`, reuse the
     table stored under the key of these notes, or build and store it there (owner-only)."""
     if cache is None:
-        return _tokenize(notes, tokenizer, max_length, prompt, num_proc, in_memory=True)
+        return _tokenize(notes, tokenizer, max_length, prompt, num_proc)
     return load_tokenized(notes_digest(notes), lambda: notes, tokenizer, max_length, prompt, cache, num_proc)
 
 
@@ -128,14 +127,14 @@ def load_tokenized(source_key: str, read_notes: Callable[[], Sequence[Note]], to
     them (with its validation and errors) and their table is stored. A re-launch reads no note."""
     folder = Path(cache) / tokenization_key(source_key, tokenizer, max_length, prompt)
     if not (folder / UNITS_FILE).exists():  # written last: a folder with it is complete
-        _store(_tokenize(read_notes(), tokenizer, max_length, prompt, num_proc, in_memory=False), folder)
+        _store(_tokenize(read_notes(), tokenizer, max_length, prompt, num_proc), folder)
     units = np.load(folder / UNITS_FILE)
     return TokenizedNotes(datasets.load_from_disk(str(folder)), tokenizer.pad_token_id,
                           PatientUnits(units["order"], units["offsets"]))
 
 
 def _tokenize(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat,
-              num_proc: int | None, in_memory: bool) -> TokenizedNotes:
+              num_proc: int | None) -> TokenizedNotes:
     source = datasets.Dataset.from_dict({"patient_id": [n.patient_id for n in notes], "text": [n.text for n in notes],
                                          "codes": [list(n.codes) for n in notes]})
     long_work = len(notes) >= 20_000
@@ -143,8 +142,7 @@ def _tokenize(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_len
     with progress_bar(long_work):  # ours for a large corpus; datasets' own bars stay quiet otherwise
         table = source.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
                            remove_columns=source.column_names, desc="tokenizing notes (once: they are cached)",
-                           fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "prompt": prompt},
-                           keep_in_memory=in_memory)
+                           fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "prompt": prompt})
     return TokenizedNotes(table, tokenizer.pad_token_id)
 
 
@@ -172,6 +170,8 @@ def _store(data: TokenizedNotes, folder: Path) -> None:
             staging.rename(folder)
         except OSError:  # another process stored the same key first: theirs is as good
             shutil.rmtree(staging)
+            if not (folder / UNITS_FILE).exists():
+                raise OSError(f"{folder} exists but is not a complete token cache entry: remove it") from None
     finally:
         os.umask(previous)
 

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 from dpnotes.corpus import generate_default_corpus
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.prompting import PromptFormat, code_title, prompt_format_for, prompt_format_from
-from dpnotes.tokenized_notes import IGNORE_INDEX
+from dpnotes.prompting import IGNORE_INDEX
 from dpnotes.training.config import TrainConfig
 from dpnotes.tokenized_notes import tokenize_notes
 

@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 from dpnotes.corpus import corpus_fingerprint, examples_by_patient, generate_default_corpus, read_notes, split_by_patient, write_notes
 from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.testing.reference_tokenization import tokenize_note_by_note
-from dpnotes.tokenized_notes import IGNORE_INDEX, load_tokenized, notes_digest, tokenization_key, tokenize_notes
+from dpnotes.prompting import IGNORE_INDEX
+from dpnotes.tokenized_notes import load_tokenized, notes_digest, tokenization_key, tokenize_notes
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The note corpus layer: one schema (`Note`) shared by train, generate and eval, its readers and
 writers, patient-level splits and the embedded synthetic default corpus."""
-from dpnotes.corpus.load import corpus_fingerprint, load_configured_corpus, load_corpus
+from dpnotes.corpus.load import corpus_fingerprint, load_configured_splits, load_corpus
 from dpnotes.corpus.mimic import read_mimic3, read_mimic4
 from dpnotes.corpus.public_corpora import MTSAMPLES_DOCUMENT_TYPES, read_cmc2007, read_mtsamples
 from dpnotes.corpus.readers import read_notes, write_notes
@@ -29,7 +29,7 @@ __all__ = [
     "generate_default_corpus",
     "examples_by_patient",
     "label_counts",
-    "load_configured_corpus",
+    "load_configured_splits",
     "load_corpus",
     "read_cmc2007",
     "read_mimic3",

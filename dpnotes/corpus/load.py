@@ -1,6 +1,7 @@
 """`load_corpus`: one entry point that picks the reader from a spec string."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ from dpnotes.corpus.public_corpora import read_cmc2007, read_mtsamples
 from dpnotes.corpus.readers import SCHEMA_SUFFIXES, read_notes
 from dpnotes.digests import digest, source_digest
 from dpnotes.corpus.schema import CorpusError, Note, unreadable_as_corpus_error, validate_notes
+from dpnotes.corpus.splits import split_by_patient
 
 PREFIXED_READERS = {
     "mtsamples": read_mtsamples,
@@ -51,7 +53,7 @@ def load_corpus(spec: str | Path, **options: Any) -> list[Note]:
 
 READER_MODULES = ("dpnotes.corpus.load", "dpnotes.corpus.readers", "dpnotes.corpus.schema", "dpnotes.corpus.mimic",
                   "dpnotes.corpus.public_corpora", "dpnotes.corpus.synthetic_default", "dpnotes.corpus.default_code_bank",
-                  "dpnotes.corpus.splits")
+                  "dpnotes.corpus.splits", "dpnotes.corpus.code_lists")
 
 
 def corpus_fingerprint(spec: str, **options: Any) -> str:
@@ -65,17 +67,20 @@ def corpus_fingerprint(spec: str, **options: Any) -> str:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     if text != "default" and not stats:
         raise CorpusError(text, "file not found")
-    return digest(text, options, stats, source_digest(*READER_MODULES))
+    shipped = sorted((Path(__file__).parent / "data").glob("*"))  # the public code lists readers filter with
+    return digest(text, options, stats, source_digest(*READER_MODULES),
+                  [hashlib.sha256(f.read_bytes()).hexdigest() for f in shipped])
 
 
-def load_configured_corpus(spec: str, *, default_patients: int = 400, canaries: int = 0, seed: int = 0) -> list[Note]:
-    """The corpus a run names, validated before any work. The embedded default corpus is generated
-    with `default_patients` patients, `canaries` planted identifiers and `seed`; other specs go to
-    `load_corpus`."""
+def load_configured_splits(spec: str, *, default_patients: int = 400, canaries: int = 0,
+                           seed: int = 0) -> dict[str, list[Note]]:
+    """The corpus a run names, validated before any work and split by patient with `seed`. The
+    embedded default corpus is generated with `default_patients` patients, `canaries` planted
+    identifiers and the same `seed`; other specs go to `load_corpus`."""
     if spec == "default":
         notes = load_corpus("default", n_patients=default_patients, canaries=canaries, seed=seed)
         source = "default corpus"
     else:
         notes, source = load_corpus(spec), spec
     validate_notes(notes, source)
-    return notes
+    return split_by_patient(notes, seed=seed)

@@ -391,7 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command
 def main(argv: Sequence[str]) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Subcommands rule out parse_intermixed_args: overrides after --config are gathered here instead.
+    args, rest = parser.parse_known_args(argv)
+    stray = [item for item in rest if "=" not in item or item.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *rest]
     settings, run, _ = SUBCOMMANDS[args.command]
     config = load(settings, args.config, args.overrides)
     write_json(run(config), config.output_file)

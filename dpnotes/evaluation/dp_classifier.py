@@ -28,11 +28,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from dpnotes.evaluation.coders import Coder, EvalInputError, _require_notes
-from dpnotes.evaluation.metrics import binarize
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from dpnotes.corpus import Note, examples_by_patient
+from dpnotes.evaluation.coders import Coder, EvalInputError, _require_notes
+from dpnotes.evaluation.metrics import binarize
+from dpnotes.models import load_sequence_classifier
+from dpnotes.privacy.backends import ReplicatedBackend
+from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
+from dpnotes.privacy.losses import multilabel_classification_losses
 
 DEFAULT_EPSILONS = (0.01, 0.1, 1.0, 10.0, math.inf)
 
@@ -41,8 +46,6 @@ ModelFactory = Callable[[int], tuple[nn.Module, Any]]  # num_labels -> (sequence
 
 def _load_classifier(name: str) -> ModelFactory:
     def build(num_labels: int):
-        from dpnotes.models import load_sequence_classifier
-
         return load_sequence_classifier(name, num_labels)
 
     return build
@@ -115,14 +118,12 @@ class DPCoder(Coder):
         raise ValueError(f"privacy_unit must be 'patient' or 'sequence', got {self.privacy_unit!r}")
 
     def _expected_batch(self, num_units: int) -> int:
-        return min(self.expected_batch_size, num_units)
+        """The configured expected batch, at most every unit (None: every unit, q = 1)."""
+        return num_units if self.expected_batch_size is None else min(self.expected_batch_size, num_units)
 
     def _train_private(self, model: nn.Module, fetch: Callable[[list[int]], dict], loss_fn, train: Sequence[Note],
                        optimizer: torch.optim.Optimizer) -> None:
         """DP training of `model`'s trainable parameters at the target ε; sets `privacy_`."""
-        from dpnotes.privacy.backends import ReplicatedBackend
-        from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
-
         examples_of_unit, num_units = self._units(train)
         config = PrivacyConfig(
             target_epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_grad_norm,
@@ -171,8 +172,6 @@ class DPLoRACoder(DPCoder):
         self.target_modules, self.max_length = list(target_modules), max_length
 
     def _build(self, num_labels: int):
-        from peft import LoraConfig, get_peft_model
-
         factory = self.model_spec if callable(self.model_spec) else _load_classifier(self.model_spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -188,8 +187,6 @@ class DPLoRACoder(DPCoder):
         return model, tokenizer
 
     def fit(self, train, dev=None):
-        from dpnotes.privacy.losses import multilabel_classification_losses
-
         targets = self._public_targets(train)
         self.model_, self.tokenizer = self._build(len(self.labels))
         encoded = self.tokenizer([n.text for n in train], padding="longest", truncation=True,

@@ -35,7 +35,12 @@ DP_CODERS: dict[str, Callable[..., Callable[[float], DPCoder]]] = {
 }
 
 
-DPCoderKind = Literal["lora", "probe", "hashed"]  # the names of DP_CODERS
+DPCoderKind = Literal[tuple(DP_CODERS)]  # what configs may name
+
+
+def check_coder(coder: str) -> None:
+    if coder not in DP_CODERS:
+        raise EvalInputError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
 
 
 @dataclass(kw_only=True)
@@ -53,8 +58,7 @@ class DPCoderSettings:
 
     def coder_options(self, coder: str) -> dict:
         """The settings given, as keyword options of the coder of kind `coder`."""
-        if coder not in DP_CODERS:
-            raise EvalInputError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
+        check_coder(coder)
         # Only these settings: a config that extends them (eval's DPClassifierConfig) holds others too.
         options = {f.name: getattr(self, f.name) for f in fields(DPCoderSettings) if getattr(self, f.name) is not None}
         if coder == "hashed" and {"model", "max_length"} & set(options):
@@ -89,8 +93,7 @@ def dp_epsilon_sweep(
         _require_notes(notes, name)
     if not epsilons:
         raise ValueError("no epsilon given")
-    if coder not in DP_CODERS:
-        raise EvalInputError(f"unknown DP coder {coder!r}: choose from {', '.join(DP_CODERS)}")
+    check_coder(coder)
     make_coder = DP_CODERS[coder](labels, seed=seed, log=log, **coder_options)
     results = {}
     for epsilon in epsilons:

@@ -39,6 +39,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from dpnotes.errors import UserError
 from dpnotes.corpus import Note, examples_by_patient
 from dpnotes.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 
@@ -53,7 +54,7 @@ def code_set_key(codes: list[str]) -> str:
 
 def check_privacy_unit(privacy_unit: str | None) -> str:
     if privacy_unit not in PRIVACY_UNITS:
-        raise ValueError(f"privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, got {privacy_unit!r}")
+        raise UserError(f"privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, got {privacy_unit!r}")
     return privacy_unit
 
 
@@ -75,7 +76,7 @@ class CodeSetDistribution:
         if self.privacy_unit is not None:
             check_privacy_unit(self.privacy_unit)
         elif not self.free:
-            raise ValueError(f"the {self.source} release (ε = {self.epsilon}, δ = {self.delta}) must record its "
+            raise UserError(f"the {self.source} release (ε = {self.epsilon}, δ = {self.delta}) must record its "
                              f"privacy_unit ({' or '.join(PRIVACY_UNITS)})")
 
     @property
@@ -85,7 +86,7 @@ class CodeSetDistribution:
 
     def sample(self, count: int, seed: int) -> list[list[str]]:
         if not self.weights:
-            raise ValueError(
+            raise UserError(
                 "no code (set) survived the DP threshold: raise the conditioning ε, use dp-marginals, or a prior"
             )
         rng = np.random.default_rng(seed)
@@ -107,7 +108,7 @@ class CodeSetDistribution:
     def load(cls, path: Path) -> CodeSetDistribution:
         data = json.loads(Path(path).read_text())
         if "privacy_unit" not in data and (data.get("epsilon") or data.get("delta")):
-            raise ValueError(
+            raise UserError(
                 f"{path}: this DP conditioning release does not record its privacy unit, so its (ε, δ) cannot "
                 "be composed with the training guarantee. It was written before units were recorded, when every "
                 "release was per patient (first note of each): if it came from that version, add "
@@ -202,9 +203,9 @@ def count_units(notes: list[Note], privacy_unit: str) -> int:
 def _check_budget(notes: list[Note], epsilon: float, delta: float, privacy_unit: str) -> int:
     units = count_units(notes, privacy_unit)
     if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"conditioning epsilon must be finite and > 0, got {epsilon}")
+        raise UserError(f"conditioning epsilon must be finite and > 0, got {epsilon}")
     if not 0 < delta < 1 / max(units, 1):
-        raise ValueError(f"conditioning delta must be in (0, 1/N) with N = {units} {UNIT_NAMES[privacy_unit]}, got {delta}")
+        raise UserError(f"conditioning delta must be in (0, 1/N) with N = {units} {UNIT_NAMES[privacy_unit]}, got {delta}")
     return units
 
 
@@ -212,10 +213,10 @@ def prior_distribution(path: Path) -> CodeSetDistribution:
     """A public or user-given {code set: weight} prior; no privacy cost."""
     weights = json.loads(Path(path).read_text())
     if not isinstance(weights, dict) or not weights:
-        raise ValueError(f"{path}: expected a non-empty JSON object {{'I10; E11.9': weight, ...}}")
+        raise UserError(f"{path}: expected a non-empty JSON object {{'I10; E11.9': weight, ...}}")
     cleaned = {}
     for key, weight in weights.items():
         if not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"{path}: weight of {key!r} must be a non-negative number")
+            raise UserError(f"{path}: weight of {key!r} must be a non-negative number")
         cleaned[code_set_key([code.strip() for code in key.split(";") if code.strip()])] = float(weight)
     return CodeSetDistribution(cleaned, 0.0, 0.0, f"prior:{path}")

@@ -52,6 +52,8 @@ the synthetic notes' manifest.json. A public prior costs nothing.
 def merge_run(run_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Merge run_dir/adapter into the base model named in run_dir/privacy_report.json."""
     run = RunDir(run_dir)
+    if not run.adapter.is_dir() or not run.privacy_report.exists():
+        raise UserError(f"{run_dir}: no LoRA adapter and privacy report to merge (a full fine-tuning run's model/ needs no merge)")
     report = json.loads(run.privacy_report.read_text())
     base, tokenizer = load_causal_lm(report["model"], dtype=dtype)
     merged = PeftModel.from_pretrained(base, run.adapter).merge_and_unload()

@@ -60,7 +60,7 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
     if saved.exists():
         distribution = CodeSetDistribution.load(saved)
         if not distribution.free and distribution.privacy_unit != privacy_unit:
-            raise ValueError(
+            raise UserError(
                 f"{saved} was released at privacy unit {distribution.privacy_unit!r}, not at the training unit "
                 f"{privacy_unit!r}: guarantees of different units cannot be added; use another output_dir"
             )
@@ -80,7 +80,7 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
         distribution = DP_RELEASES[source](train_notes, epsilon, delta or 1 / (10 * units), seed=seed,
                                            privacy_unit=privacy_unit)
     else:
-        raise ValueError(f"unknown conditioning {source!r}: {', '.join(DP_RELEASES)} or prior")
+        raise UserError(f"unknown conditioning {source!r}: {', '.join(DP_RELEASES)} or prior")
     out_dir.mkdir(parents=True, exist_ok=True)
     distribution.save(saved)
     return distribution
@@ -113,7 +113,7 @@ def compose(training: dict, distribution: CodeSetDistribution) -> dict:
         return {"privacy_unit": unit, "total_epsilon": training.get("epsilon", math.inf),
                 "total_delta": training.get("delta")}
     if distribution.privacy_unit != unit:
-        raise ValueError(
+        raise UserError(
             f"the conditioning ({distribution.source}) was released at privacy unit {distribution.privacy_unit!r} "
             f"but the model was trained at {unit!r}: guarantees of different units cannot be added; release the "
             f"conditioning at the training unit"

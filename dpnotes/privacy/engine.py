@@ -23,6 +23,7 @@ from torch import nn
 
 from dpnotes.privacy.accounting import (
     PrivacyParameterError,
+    available_accountants,
     calibrate_noise_multiplier,
     check_epsilon,
     check_privacy_params,
@@ -63,6 +64,12 @@ class PrivacyConfig:
                 raise PrivacyParameterError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.privacy_unit not in ("sequence", "patient"):
             raise PrivacyParameterError(f"privacy_unit must be 'sequence' or 'patient', got {self.privacy_unit!r}")
+        if not self.max_grad_norm > 0:
+            raise PrivacyParameterError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise PrivacyParameterError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.accountant not in available_accountants():
+            raise PrivacyParameterError(f"unknown accountant {self.accountant!r}; available: {', '.join(available_accountants())}")
 
     def validated_delta(self, num_units: int) -> float:
         """Check the whole configuration against the number of privacy units; return δ."""

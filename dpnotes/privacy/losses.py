@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpnotes.tokenized_notes import IGNORE_INDEX
+from dpnotes.prompting import IGNORE_INDEX
 
 
 def causal_lm_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

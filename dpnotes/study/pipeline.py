@@ -27,7 +27,7 @@ import yaml
 from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_with_overrides, read_yaml
 from dpnotes.console import command
 from dpnotes.digests import digest, source_digest
-from dpnotes.corpus import Note, load_configured_corpus, split_by_patient
+from dpnotes.corpus import Note, load_configured_splits
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
@@ -39,6 +39,7 @@ from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag
 from dpnotes.study.report import write_report
 from dpnotes.training.config import TrainConfig
 from dpnotes.training.recipe import train
+from dpnotes.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipe scripts and their configs
 STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
@@ -108,9 +109,8 @@ class Pipeline:
     def splits(self) -> dict[str, list[Note]]:
         """The corpus split once per run (every ε shares it; a large corpus is read once)."""
         config = self.train_config(self.config.epsilons[0])
-        notes = load_configured_corpus(config.corpus, default_patients=config.corpus_patients,
-                                       canaries=config.canaries, seed=config.split_seed)
-        return split_by_patient(notes, seed=config.split_seed)
+        return load_configured_splits(config.corpus, default_patients=config.corpus_patients,
+                                      canaries=config.canaries, seed=config.split_seed)
 
     @functools.cached_property
     def labels(self) -> list[str]:
@@ -133,8 +133,10 @@ class Pipeline:
             config_file = self.run_dir(epsilon).root / "train_config.yaml"
             config_file.parent.mkdir(parents=True, exist_ok=True)
             config_file.write_text(yaml.safe_dump(as_dict(config)))
-            subprocess.run(["accelerate", "launch", "--config_file", self.config.launcher,
-                            str(ROOT / "train" / "dp_lora.py"), "--config", str(config_file)], check=True)
+            launched = subprocess.run(["accelerate", "launch", "--config_file", self.config.launcher,
+                                       str(ROOT / "train" / "dp_lora.py"), "--config", str(config_file)])
+            if launched.returncode != 0:  # its own error line is above
+                raise UserError(f"training for ε = {epsilon} under {self.config.launcher} failed (exit {launched.returncode})")
             return read_json(self.run_dir(epsilon).privacy_report)
         return train(config)
 

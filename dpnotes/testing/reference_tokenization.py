@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from dpnotes.corpus import Note
 from dpnotes.prompting import PromptFormat
-from dpnotes.tokenized_notes import IGNORE_INDEX
+from dpnotes.prompting import IGNORE_INDEX
 
 
 def tokenize_note_by_note(notes: Sequence[Note], tokenizer, max_length: int, prompt: PromptFormat) -> list[tuple[list[int], list[int]]]:

@@ -15,12 +15,13 @@ from accelerate import Accelerator
 
 from dpnotes.runs import RunDir
 from dpnotes.training.config import TrainConfig, config_dict
+from dpnotes.errors import UserError
 
 STEP_FOLDER = re.compile(r"step_\d{6,}")  # f"step_{step:06d}"
 RUN_STAMP = "dpnotes_run.json"  # in every checkpoint: the config hash it belongs to
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that must not be resumed from (foreign run, tampered pointer)."""
 
 
@@ -85,7 +86,7 @@ def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None
     if stamp.exists():
         recorded = json.loads(stamp.read_text()).get("config_hash")
         if recorded != config.fingerprint():
-            raise ValueError(
+            raise UserError(
                 f"{output_dir} holds a run with another configuration (hash {recorded}, this one "
                 f"{config.fingerprint()}): choose another output_dir or delete it"
             )

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from dpnotes.config import as_dict, load
 from dpnotes.prompting import PromptFormat, prompt_format_for
@@ -26,9 +27,9 @@ class TrainConfig:
     init_seed: int = 0  # LoRA initialisation and dropout: public randomness, unlike sampling and noise
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    dtype: str = "float32"  # or bfloat16; norms and noise are computed in fp32 either way
+    dtype: Literal["float32", "bfloat16"] = "float32"  # norms and noise are computed in fp32 either way
     save_every: int = 25
-    optimizer: str = "adamw"  # or "sgd" (plain SGD: the update reads the DP gradient directly; tests)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD, the update reads the DP gradient directly (tests)
     save_full_model: bool = False  # also write every weight (gathered under ZeRO-3) to output_dir/full_model
     report_to: str = "wandb"  # or "none"; W&B runs offline unless WANDB_MODE says otherwise
     prompt: PromptFormat | None = None  # None: the corpus kind's format (dpnotes.prompting.CORPUS_PROMPTS)

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from transformers import PreTrainedTokenizerBase
 
-from dpnotes.corpus import Note, corpus_fingerprint, load_configured_corpus, split_by_patient
+from dpnotes.corpus import Note, corpus_fingerprint, load_configured_splits
 from dpnotes.digests import digest
 from dpnotes.models import load_causal_lm, load_tokenizer, token_cache
 from dpnotes.privacy.backends import ReplicatedBackend
@@ -32,18 +32,17 @@ Backend = ReplicatedBackend | DeepSpeedBackend
 
 def load_training_notes(config: TrainConfig) -> list[Note]:
     """The train split (by patient) of the configured corpus, validated before any work."""
-    notes = load_configured_corpus(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
-                                   seed=config.split_seed)
-    return split_by_patient(notes, seed=config.split_seed)["train"]
+    return load_configured_splits(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
+                                  seed=config.split_seed)["train"]
 
 
 def load_training_data(config: TrainConfig, accelerator: Accelerator) -> TokenizedNotes:
     """The train split's tokens from the token cache, keyed by the corpus's fingerprint (no note is
     read to compute it). On a miss the main process reads, validates, splits and tokenizes the
     corpus first; the other ranks then memory-map what it stored."""
-    source = digest(corpus_fingerprint(config.corpus, n_patients=config.corpus_patients, canaries=config.canaries,
-                                       seed=config.split_seed), "train split", config.split_seed)
-    with accelerator.main_process_first():
+    generated = {"n_patients": config.corpus_patients, "canaries": config.canaries} if config.corpus == "default" else {}
+    source = digest(corpus_fingerprint(config.corpus, **generated), "train split", config.split_seed)
+    with accelerator.local_main_process_first():  # one per node: the cache is on each node's disk
         return load_tokenized(source, lambda: load_training_notes(config), load_tokenizer(config.model),
                               config.max_length, config.prompt_format(), token_cache())
 
