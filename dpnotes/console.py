@@ -26,7 +26,7 @@ VERBOSE_ENV, DEBUG_ENV = "DPNOTES_VERBOSE", "DPNOTES_DEBUG"
 # Read by the libraries at import, also in the processes a command starts.
 QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
                      "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "error",
-                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true",
                      "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
