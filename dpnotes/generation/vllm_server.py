@@ -19,7 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from dpnotes import CHECKOUT
+
 SERVED_NAME = "dpnotes"  # the name requests address: the merged model, or base + "dpnotes" adapter
 
 
@@ -34,7 +35,7 @@ class VLLMServerError(RuntimeError):
 
 
 def vllm_venv() -> Path:
-    return Path(os.environ.get("DPNOTES_VLLM_VENV") or REPO / ".venv-vllm")
+    return Path(os.environ.get("DPNOTES_VLLM_VENV") or CHECKOUT / ".venv-vllm")
 
 
 def find_vllm() -> Path | None:

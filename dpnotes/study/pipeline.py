@@ -26,6 +26,7 @@ import yaml
 
 from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_with_overrides, read_yaml
 from dpnotes.console import command
+from dpnotes import CHECKOUT
 from dpnotes.digests import digest, source_digest
 from dpnotes.corpus import Note, load_configured_splits
 from dpnotes.corpus.code_lists import public_label_space
@@ -41,7 +42,7 @@ from dpnotes.training.config import TrainConfig
 from dpnotes.training.recipe import train
 from dpnotes.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipe scripts and their configs
+ROOT = CHECKOUT  # recipe scripts and their configs
 STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
 
 
