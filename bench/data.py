@@ -5,9 +5,9 @@ on a default corpus of --notes notes at each --max-length, with SmolLM2's tokeni
     python bench/data.py --notes 300000 --max-length 512 2048
 
 Each measurement runs in a fresh process, as a launch would: "ready" is from the Parquet corpus to
-a table training can sample from (lists: read and tokenize; Arrow, first: read, tokenize by batched
-map and write the cache; Arrow, cached: find the cache by the file's fingerprint and memory-map it,
-reading no note). "iterate" collates --batches random batches of 8; "RSS added" is the process's
+a table training can sample from (lists: read and tokenize; Arrow, first: stream the file into the
+corpus cache, tokenize by batched map into the token cache; Arrow, cached: find the tokens by the
+file's fingerprint and memory-map them, reading no note). "iterate" collates --batches random batches of 8; "RSS added" is the process's
 peak resident memory above what it held with the tokenizer loaded.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dpnotes.corpus import corpus_fingerprint, generate_default_corpus, read_notes, write_notes
+from dpnotes.corpus import corpus_fingerprint, corpus_table, generate_default_corpus, read_notes, write_notes
 from dpnotes.models import resolve_model
 from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.reference_tokenization import tokenize_note_by_note
@@ -62,9 +62,9 @@ def measure(variant: str, corpus: Path, max_length: int, cache: Path, batches: i
     if variant == "lists":
         examples = tokenize_note_by_note(read_notes(corpus), tokenizer, max_length, prompt)
         size, fetch = len(examples), lambda indices: collate_lists(examples, indices, tokenizer.pad_token_id)
-    else:  # the training path: the cache is keyed by the file's fingerprint, the notes read on a miss only
-        data = load_tokenized(corpus_fingerprint(str(corpus)), lambda: read_notes(corpus), tokenizer, max_length,
-                              prompt, cache)
+    else:  # the training path: the caches are keyed by the file's fingerprint, the notes read on a miss only
+        data = load_tokenized(corpus_fingerprint(str(corpus)), lambda: corpus_table(str(corpus), cache / "corpus"),
+                              tokenizer, max_length, prompt, cache / "tokenized")
         size, fetch = len(data), data.collate
     prepared = time.perf_counter()
     rng = random.Random(0)

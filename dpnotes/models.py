@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dpnotes.caches import cache_root
 from dpnotes.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,6 @@ _TRUTHY = {"1", "on", "yes", "true"}
 
 class ModelNotAvailableError(UserError, RuntimeError):
     """The requested model cannot be found locally and cannot be fetched."""
-
-
-def cache_root() -> Path:
-    """Root of dpnotes' on-disk cache: ``$DPNOTES_CACHE`` or ``~/.cache/dpnotes``."""
-    return Path(os.environ.get("DPNOTES_CACHE") or Path.home() / ".cache" / "dpnotes")
-
-
-def token_cache() -> Path:
-    """Where tokenized training corpora are kept (dpnotes.tokenized_notes): tokens of private notes,
-    so the folder is owner-only, unlike the model cache."""
-    return cache_root() / "tokenized"
 
 
 def model_cache_dir(alias: str) -> Path:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpnotes.caches import corpus_cache
 from dpnotes.corpus import Note, load_configured_splits, validate_notes
 
 
@@ -65,7 +66,7 @@ class RunDir:
         """The notes this run trained on: its corpus, as recorded in config.json, and its train split."""
         recorded = json.loads(self.config.read_text())
         return load_configured_splits(recorded["corpus"], default_patients=recorded["corpus_patients"],
-                                      canaries=recorded["canaries"], seed=recorded["split_seed"])["train"]
+                                      canaries=recorded["canaries"], seed=recorded["split_seed"], cache=corpus_cache())["train"]
 
 
 PRIVACY_REPORT = "privacy_report.json"  # beside every trained or merged model

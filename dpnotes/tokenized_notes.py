@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,13 +23,15 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpnotes.corpus import Note, examples_by_patient
+from dpnotes.caches import ensure_entry
+from dpnotes.corpus import Note, examples_by_patient, notes_table
 from dpnotes.digests import source_digest
 from dpnotes.prompting import IGNORE_INDEX, PromptFormat
 
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "prompt_length": datasets.Value("int32"), "patient_id": datasets.Value("string")})
-UNITS_FILE = "examples_by_patient.npz"  # beside the table: the patient-level privacy units, computed once
+TOKENS_FILE = "tokens.arrow"  # map with k workers writes tokens_0000i_of_0000k.arrow
+UNITS_FILE = "examples_by_patient.npz"  # beside the table, written last: the patient-level privacy units
 
 
 class PatientUnits(Sequence):
@@ -117,32 +117,39 @@ def tokenize_notes(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, ma
     """Tokenize by batched map (the fast tokenizer on 1,000 notes per call). With `cache`, reuse the
     table stored under the key of these notes, or build and store it there (owner-only)."""
     if cache is None:
-        return _tokenize(notes, tokenizer, max_length, prompt, num_proc)
-    return load_tokenized(notes_digest(notes), lambda: notes, tokenizer, max_length, prompt, cache, num_proc)
+        return _tokenize(notes_table(notes), tokenizer, max_length, prompt, num_proc)
+    return load_tokenized(notes_digest(notes), lambda: notes_table(notes), tokenizer, max_length, prompt, cache, num_proc)
 
 
-def load_tokenized(source_key: str, read_notes: Callable[[], Sequence[Note]], tokenizer: PreTrainedTokenizerBase,
+def load_tokenized(source_key: str, read_notes: Callable[[], datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
                    max_length: int, prompt: PromptFormat, cache: str | Path, num_proc: int | None = None) -> TokenizedNotes:
-    """The tokens of the notes `source_key` names, from the cache; on a miss `read_notes()` reads
-    them (with its validation and errors) and their table is stored. A re-launch reads no note."""
-    folder = Path(cache) / tokenization_key(source_key, tokenizer, max_length, prompt)
-    if not (folder / UNITS_FILE).exists():  # written last: a folder with it is complete
-        _store(_tokenize(read_notes(), tokenizer, max_length, prompt, num_proc), folder)
+    """The tokens of the notes `source_key` names, from the cache; on a miss `read_notes()` gives
+    their table (its reader validates and raises the corpus's errors) and their tokens are stored.
+    A re-launch reads no note."""
+
+    def write(staging: Path) -> None:
+        data = _tokenize(read_notes(), tokenizer, max_length, prompt, num_proc, output=staging / TOKENS_FILE)
+        units = data.examples_of_patient
+        np.savez(staging / UNITS_FILE, order=units.order, offsets=units.offsets)  # last: the entry is complete
+
+    folder = ensure_entry(Path(cache) / tokenization_key(source_key, tokenizer, max_length, prompt), write, UNITS_FILE)
     units = np.load(folder / UNITS_FILE)
-    return TokenizedNotes(datasets.load_from_disk(str(folder)), tokenizer.pad_token_id,
-                          PatientUnits(units["order"], units["offsets"]))
+    shards = sorted(folder.glob(TOKENS_FILE.replace(".arrow", "*.arrow")))  # one per map worker
+    table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in shards])
+    return TokenizedNotes(table, tokenizer.pad_token_id, PatientUnits(units["order"], units["offsets"]))
 
 
-def _tokenize(notes: Sequence[Note], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat,
-              num_proc: int | None) -> TokenizedNotes:
-    source = datasets.Dataset.from_dict({"patient_id": [n.patient_id for n in notes], "text": [n.text for n in notes],
-                                         "codes": [list(n.codes) for n in notes]})
+def _tokenize(notes: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, prompt: PromptFormat,
+              num_proc: int | None, output: Path | None = None) -> TokenizedNotes:
+    """Tokens of a notes table, in memory or, with `output`, written to Arrow file(s) there."""
     long_work = len(notes) >= 20_000
     workers = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if long_work else None)
     with progress_bar(long_work):  # ours for a large corpus; datasets' own bars stay quiet otherwise
-        table = source.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
-                           remove_columns=source.column_names, desc="tokenizing notes (once: they are cached)",
-                           fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "prompt": prompt})
+        table = notes.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=workers, features=FEATURES,
+                          remove_columns=notes.column_names,
+                          cache_file_name=str(output) if output else None, keep_in_memory=output is None,
+                          desc="tokenizing notes (once: they are cached)",
+                          fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "prompt": prompt})
     return TokenizedNotes(table, tokenizer.pad_token_id)
 
 
@@ -155,25 +162,6 @@ def progress_bar(shown: bool):
         yield
     finally:
         (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
-
-
-def _store(data: TokenizedNotes, folder: Path) -> None:
-    """Write beside the final folder and rename: a reader sees a whole cache entry or none."""
-    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    previous = os.umask(0o077)
-    try:
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
-        data.table.save_to_disk(str(staging))
-        units = data.examples_of_patient
-        np.savez(staging / UNITS_FILE, order=units.order, offsets=units.offsets)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process stored the same key first: theirs is as good
-            shutil.rmtree(staging)
-            if not (folder / UNITS_FILE).exists():
-                raise OSError(f"{folder} exists but is not a complete token cache entry: remove it") from None
-    finally:
-        os.umask(previous)
 
 
 def notes_digest(notes: Sequence[Note]) -> str:

@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import its own subpackage and any lower layer, never a peer or above.
 LAYERS = [
-    {"dpnotes.errors", "dpnotes.console", "dpnotes.config", "dpnotes.digests", "dpnotes.corpus", "dpnotes.models", "dpnotes.prompting", "dpnotes.tokenized_notes",
+    {"dpnotes.errors", "dpnotes.console", "dpnotes.config", "dpnotes.digests", "dpnotes.caches", "dpnotes.corpus", "dpnotes.models", "dpnotes.prompting", "dpnotes.tokenized_notes",
      "dpnotes.runs"},
     {"dpnotes.privacy"},
     {"dpnotes.training", "dpnotes.generation", "dpnotes.evaluation"},

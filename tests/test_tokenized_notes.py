@@ -4,7 +4,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from dpnotes.corpus import corpus_fingerprint, examples_by_patient, generate_default_corpus, read_notes, split_by_patient, write_notes
+from dpnotes.corpus import corpus_fingerprint, corpus_table, examples_by_patient, generate_default_corpus, split_by_patient, write_notes
 from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.testing.reference_tokenization import tokenize_note_by_note
 from dpnotes.prompting import IGNORE_INDEX
@@ -78,7 +78,7 @@ def test_a_cached_corpus_is_not_read_again(demo_notes, tiny_model_dir, tmp_path)
     corpus = tmp_path / "notes.jsonl"
     write_notes(demo_notes[:100], corpus)
     source, prompt = corpus_fingerprint(str(corpus)), prompt_format_for("default")
-    first = load_tokenized(source, lambda: read_notes(corpus), tokenizer, 160, prompt, tmp_path / "cache")
+    first = load_tokenized(source, lambda: corpus_table(str(corpus)), tokenizer, 160, prompt, tmp_path / "cache")
 
     def unread():
         raise AssertionError("the corpus was read again")

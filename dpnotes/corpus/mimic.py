@@ -10,13 +10,13 @@ are kept, a data-dependent step outside the DP guarantee.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from dpnotes.corpus.code_lists import resolve_code_list
-from dpnotes.corpus.schema import CorpusError, Note, require_file, validate_notes
+from dpnotes.corpus.schema import CorpusError, Note, NoteValidator, require_file
 
 # The real NOTEEVENTS.csv is ~4 GB: read it in chunks and keep only discharge summaries.
 CHUNK_ROWS = 200_000
@@ -45,7 +45,7 @@ def _read_columns(
 
 def _notes_with_listed_codes(
     notes: pd.DataFrame, codes: pd.DataFrame, kept: frozenset[str] | None, source: str
-) -> list[Note]:
+) -> Iterator[Note]:
     """`notes` has note_id, subject_id, hadm_id, text; `codes` has hadm_id, code.
 
     Each admission keeps its codes that are in the fixed set `kept` (from `resolve_code_list`;
@@ -58,19 +58,11 @@ def _notes_with_listed_codes(
     if kept is not None:
         codes = codes[codes["code"].isin(kept)]
     codes_by_admission = codes.groupby("hadm_id")["code"].apply(lambda group: sorted(set(group))).to_dict()
-    result = [
-        Note(
-            id=row.note_id,
-            patient_id=row.subject_id,
-            text=row.text,
-            codes=codes_by_admission[row.hadm_id],
-            metadata={"hadm_id": row.hadm_id},
-        )
-        for row in notes.itertuples(index=False)
-        if row.hadm_id in codes_by_admission
-    ]
-    validate_notes(result, source)
-    return result
+    validator = NoteValidator(source)
+    for row in notes.itertuples(index=False):
+        if row.hadm_id in codes_by_admission:
+            yield validator.check(Note(id=row.note_id, patient_id=row.subject_id, text=row.text,
+                                       codes=codes_by_admission[row.hadm_id], metadata={"hadm_id": row.hadm_id}))
 
 
 def dotted_icd9(code: str, procedure: bool) -> str:
@@ -105,13 +97,18 @@ def _mimic3_codes(path: Path, procedure: bool) -> pd.DataFrame:
     })
 
 
-def read_mimic3(
+def read_mimic3(*files: str | Path | None, **options) -> list[Note]:
+    """The notes of `iter_mimic3`, as a list."""
+    return list(iter_mimic3(*files, **options))
+
+
+def iter_mimic3(
     noteevents_csv: str | Path,
     diagnoses_icd_csv: str | Path,
     procedures_icd_csv: str | Path | None = None,
     *,
     codes: str | Path | Sequence[str] | None = "mimic3-top50",
-) -> list[Note]:
+) -> Iterator[Note]:
     """MIMIC-III discharge summaries (NOTEEVENTS, CATEGORY 'Discharge summary', ISERROR not set)
     with the ICD-9 codes of their HADM_ID from DIAGNOSES_ICD and, when given, PROCEDURES_ICD.
 
@@ -140,16 +137,21 @@ def read_mimic3(
     )
     notes = notes.rename(columns={"ROW_ID": "note_id", "SUBJECT_ID": "subject_id", "HADM_ID": "hadm_id", "TEXT": "text"})
     codes_frame = pd.concat(code_frames, ignore_index=True)
-    return _notes_with_listed_codes(notes, codes_frame, kept, str(noteevents_csv))
+    yield from _notes_with_listed_codes(notes, codes_frame, kept, str(noteevents_csv))
 
 
-def read_mimic4(
+def read_mimic4(*files: str | Path, **options) -> list[Note]:
+    """The notes of `iter_mimic4`, as a list."""
+    return list(iter_mimic4(*files, **options))
+
+
+def iter_mimic4(
     discharge_csv: str | Path,
     diagnoses_icd_csv: str | Path,
     *,
     codes: str | Path | Sequence[str] | None = None,
     icd_version: int | None = None,
-) -> list[Note]:
+) -> Iterator[Note]:
     """MIMIC-IV-Note `discharge.csv` joined on hadm_id with MIMIC-IV `diagnoses_icd.csv`.
 
     id = note_id, patient_id = subject_id. `icd_version` (9 or 10) keeps only that version.
@@ -177,7 +179,7 @@ def read_mimic4(
     else:
         code_text = "icd" + diagnoses["icd_version"] + ":" + code_text
     code_frame = pd.DataFrame({"hadm_id": diagnoses["hadm_id"], "code": code_text})
-    return _notes_with_listed_codes(notes, code_frame, kept, str(discharge_csv))
+    yield from _notes_with_listed_codes(notes, code_frame, kept, str(discharge_csv))
 
 
 def _find_file(directory: str | Path, names: tuple[str, ...]) -> Path:
@@ -198,22 +200,22 @@ def _find_optional_file(directory: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def read_mimic3_dir(directory: str | Path, **options) -> list[Note]:
-    """`read_mimic3` on NOTEEVENTS, DIAGNOSES_ICD and, if present, PROCEDURES_ICD found anywhere
-    under `directory`; `options` (e.g. `codes=`) go to `read_mimic3`."""
+def iter_mimic3_dir(directory: str | Path, **options) -> Iterator[Note]:
+    """`iter_mimic3` on NOTEEVENTS, DIAGNOSES_ICD and, if present, PROCEDURES_ICD found anywhere
+    under `directory`; `options` (e.g. `codes=`) go to `iter_mimic3`."""
     notes = _find_file(directory, ("NOTEEVENTS.csv", "NOTEEVENTS.csv.gz"))
     diagnoses = _find_file(directory, ("DIAGNOSES_ICD.csv", "DIAGNOSES_ICD.csv.gz"))
     if "procedures_icd_csv" not in options:
         options["procedures_icd_csv"] = _find_optional_file(
             Path(directory), ("PROCEDURES_ICD.csv", "PROCEDURES_ICD.csv.gz")
         )
-    return read_mimic3(notes, diagnoses, **options)
+    return iter_mimic3(notes, diagnoses, **options)
 
 
-def read_mimic4_dir(directory: str | Path, **options) -> list[Note]:
-    """`read_mimic4` on discharge and diagnoses_icd found anywhere under `directory`
+def iter_mimic4_dir(directory: str | Path, **options) -> Iterator[Note]:
+    """`iter_mimic4` on discharge and diagnoses_icd found anywhere under `directory`
     (PhysioNet ships them as `note/discharge.csv.gz` and `hosp/diagnoses_icd.csv.gz`)."""
-    return read_mimic4(
+    return iter_mimic4(
         _find_file(directory, ("discharge.csv", "discharge.csv.gz")),
         _find_file(directory, ("diagnoses_icd.csv", "diagnoses_icd.csv.gz")),
         **options,

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
-from dpnotes.corpus.schema import CorpusError, Note, check_codes, require_file, unreadable_as_corpus_error, validate_notes
+from dpnotes.corpus.schema import CorpusError, Note, NoteValidator, check_codes, require_file, unreadable_as_corpus_error
 
 REQUIRED_FIELDS = ("id", "patient_id", "text", "codes")
 SCHEMA_SUFFIXES = (".jsonl", ".csv", ".parquet")
+CHUNK_ROWS = 10_000  # rows of a CSV or Parquet file held at once
 
 
 def _is_missing(value: Any) -> bool:
@@ -69,51 +71,62 @@ def _note_from_record(record: dict[str, Any], source: str, row: int, codes_as_te
     )
 
 
-def _read_jsonl_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for row, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorpusError(str(path), "not UTF-8 text", row) from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            # error.msg holds the parser's complaint only, never the line's content.
-            raise CorpusError(str(path), f"invalid JSON ({error.msg})", row) from None
-        if not isinstance(record, dict):
-            raise CorpusError(str(path), "a line must be a JSON object", row)
-        records.append(record)
-    return records
+def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as lines:
+        for row, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorpusError(str(path), "not UTF-8 text", row) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                # error.msg holds the parser's complaint only, never the line's content.
+                raise CorpusError(str(path), f"invalid JSON ({error.msg})", row) from None
+            if not isinstance(record, dict):
+                raise CorpusError(str(path), "a line must be a JSON object", row)
+            yield record
 
 
-def _read_table_records(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".csv":
-        # Every cell as text, and "NA"/"null" in a note stays text rather than becoming missing.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    else:
-        frame = pd.read_parquet(path)
-    missing = [name for name in REQUIRED_FIELDS if name not in frame.columns]
+def _check_columns(path: Path, columns: Sequence[str]) -> None:
+    missing = [name for name in REQUIRED_FIELDS if name not in columns]
     if missing:
         raise CorpusError(str(path), f"missing column(s) {', '.join(map(repr, missing))}")
-    return frame.to_dict(orient="records")
+
+
+def _table_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV or Parquet file, a chunk in memory at a time."""
+    if path.suffix == ".csv":
+        _check_columns(path, pd.read_csv(path, nrows=0).columns)
+        # Every cell as text, and "NA"/"null" in a note stays text rather than becoming missing.
+        for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS):
+            yield from chunk.to_dict(orient="records")
+    else:
+        table = pq.ParquetFile(path)
+        _check_columns(path, table.schema_arrow.names)
+        for batch in table.iter_batches(batch_size=CHUNK_ROWS):
+            yield from batch.to_pylist()
+
+
+def iter_notes(path: str | Path, known_codes: Sequence[str] | None = None) -> Iterator[Note]:
+    """Notes in the schema from `.jsonl`, `.csv` or `.parquet`, validated as they are read: a
+    corpus of any size streams through a chunk at a time."""
+    path = require_file(path)
+    if path.suffix not in SCHEMA_SUFFIXES:
+        raise CorpusError(str(path), f"unsupported file type (expected one of {', '.join(SCHEMA_SUFFIXES)})")
+    codes_as_text = path.suffix == ".csv"
+    validator = NoteValidator(str(path), known_codes)
+    with unreadable_as_corpus_error(path):
+        records = _jsonl_records(path) if path.suffix == ".jsonl" else _table_records(path)
+        for row, record in enumerate(records, start=1):
+            yield validator.check(_note_from_record(record, str(path), row, codes_as_text))
 
 
 def read_notes(path: str | Path, known_codes: Sequence[str] | None = None) -> list[Note]:
     """Read notes in the schema from `.jsonl`, `.csv` or `.parquet` and validate them."""
-    path = require_file(path)
-    if path.suffix not in SCHEMA_SUFFIXES:
-        raise CorpusError(str(path), f"unsupported file type (expected one of {', '.join(SCHEMA_SUFFIXES)})")
-    with unreadable_as_corpus_error(path):
-        records = _read_jsonl_records(path) if path.suffix == ".jsonl" else _read_table_records(path)
-    codes_as_text = path.suffix == ".csv"
-    notes = [
-        _note_from_record(record, str(path), row, codes_as_text) for row, record in enumerate(records, start=1)
-    ]
-    validate_notes(notes, str(path), known_codes)
-    return notes
+    return list(iter_notes(path, known_codes))
 
 
 def write_notes(notes: Sequence[Note], path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """The one note schema shared by train, generate and eval."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,30 +71,40 @@ def check_codes(codes: Any, source: str, row: int | str) -> list[str]:
     return codes
 
 
-def validate_notes(
-    notes: Sequence[Note], source: str, known_codes: Iterable[str] | None = None
-) -> None:
-    """Check ids, patient ids, text and codes of every note, and that ids are unique.
+class NoteValidator:
+    """Checks notes one at a time, as a reader streams them: ids, patient ids, text and codes of
+    each, and that ids are unique so far. With `known_codes`, a code outside that set is an error.
+    Rows are reported 1-based in the order the notes are checked (the file's data row order)."""
 
-    Rows are reported 1-based in the order of `notes` (the data row order of the file it came from).
-    With `known_codes`, a code outside that set is an error too.
-    """
-    known = set(known_codes) if known_codes is not None else None
-    first_row_of_id: dict[str, int] = {}
-    for row, note in enumerate(notes, start=1):
+    def __init__(self, source: str, known_codes: Iterable[str] | None = None):
+        self.source = source
+        self.known = set(known_codes) if known_codes is not None else None
+        self.first_row_of_id: dict[str, int] = {}
+
+    def check(self, note: Note) -> Note:
+        row, source = len(self.first_row_of_id) + 1, self.source
         for name in ("id", "patient_id", "text"):
             value = getattr(note, name)
             if not isinstance(value, str) or not value.strip():
                 raise CorpusError(source, f"empty {name}", row)
         check_codes(note.codes, source, row)
-        if known is not None:
-            unknown = sorted(set(note.codes) - known)
+        if self.known is not None:
+            unknown = sorted(set(note.codes) - self.known)
             if unknown:
                 raise CorpusError(source, f"unknown code(s) {', '.join(unknown)}", row)
         if not isinstance(note.metadata, dict):
             raise CorpusError(source, "metadata must be a dict", row)
-        if note.id in first_row_of_id:
-            raise CorpusError(
-                source, f"duplicate id {note.id!r} (first at row {first_row_of_id[note.id]})", row
-            )
-        first_row_of_id[note.id] = row
+        if note.id in self.first_row_of_id:
+            raise CorpusError(source, f"duplicate id {note.id!r} (first at row {self.first_row_of_id[note.id]})", row)
+        self.first_row_of_id[note.id] = row
+        return note
+
+    def stream(self, notes: Iterable[Note]) -> Iterator[Note]:
+        return (self.check(note) for note in notes)
+
+
+def validate_notes(notes: Sequence[Note], source: str, known_codes: Iterable[str] | None = None) -> None:
+    """Check every note of `notes` (see `NoteValidator`)."""
+    validator = NoteValidator(source, known_codes)
+    for note in notes:
+        validator.check(note)

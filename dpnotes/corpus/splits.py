@@ -14,13 +14,21 @@ SPLIT_NAMES = ("train", "dev", "test")
 def split_by_patient(
     notes: Sequence[Note], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
 ) -> dict[str, list[Note]]:
-    """Split notes into train/dev/test by a seeded permutation of the sorted patient ids.
+    """Split notes into train/dev/test by patient (`split_rows`); notes keep their input order."""
+    rows = split_rows([note.patient_id for note in notes], fractions, seed)
+    return {name: [notes[row] for row in rows[name]] for name in SPLIT_NAMES}
 
-    `fractions` apply to patients, not notes. Notes keep their input order within a split.
+
+def split_rows(
+    patient_ids: Sequence[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> dict[str, list[int]]:
+    """The rows of each split, ascending, by a seeded permutation of the sorted patient ids.
+
+    `fractions` apply to patients, not notes.
     """
     if len(fractions) != len(SPLIT_NAMES) or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    patients = sorted({note.patient_id for note in notes})
+    patients = sorted(set(patient_ids))
     # Sorting first makes the split independent of note order; the seed alone decides the permutation.
     random.Random(seed).shuffle(patients)
     n_train = round(fractions[0] * len(patients))
@@ -28,10 +36,10 @@ def split_by_patient(
     split_of_patient = {}
     for index, patient in enumerate(patients):
         split_of_patient[patient] = "train" if index < n_train else "dev" if index < n_train + n_dev else "test"
-    splits: dict[str, list[Note]] = {name: [] for name in SPLIT_NAMES}
-    for note in notes:
-        splits[split_of_patient[note.patient_id]].append(note)
-    return splits
+    rows: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    for row, patient in enumerate(patient_ids):
+        rows[split_of_patient[patient]].append(row)
+    return rows
 
 
 def examples_by_patient(patient_ids: Sequence[str]) -> list[list[int]]:

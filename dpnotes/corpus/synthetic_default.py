@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dpnotes.corpus.default_code_bank import CODE_BANK, CodeProfile
@@ -107,7 +107,18 @@ def generate_default_corpus(
     canaries: int = 0,
     seed: int = 0,
 ) -> list[Note]:
-    """Synthetic discharge summaries (~80-200 words), deterministic by `seed`.
+    """The notes of `iter_default_corpus`, as a list."""
+    return list(iter_default_corpus(n_patients, notes_per_patient, n_codes, canaries, seed))
+
+
+def iter_default_corpus(
+    n_patients: int = 500,
+    notes_per_patient: tuple[int, int] = (1, 3),
+    n_codes: int = len(CODE_BANK),
+    canaries: int = 0,
+    seed: int = 0,
+) -> Iterator[Note]:
+    """Synthetic discharge summaries (~80-200 words), deterministic by `seed`, one at a time.
 
     Each patient gets 1-3 of the `n_codes` most common codes of `CODE_BANK` and
     `notes_per_patient` (inclusive range) notes that all carry those codes. With `canaries=K`,
@@ -130,7 +141,6 @@ def generate_default_corpus(
     canary_rng = random.Random(f"canaries/{seed}")
     canary_of_patient = dict(zip(canary_rng.sample(range(n_patients), canaries), _canary_identifiers(canary_rng, canaries)))
     sizes, size_weights = zip(*CODES_PER_PATIENT)
-    notes = []
     for patient in range(n_patients):
         n_patient_codes = min(rng.choices(sizes, size_weights)[0], n_codes)
         chosen: list[CodeProfile] = []
@@ -145,8 +155,7 @@ def generate_default_corpus(
             canary = canary_of_patient.get(patient) if index == 0 else None
             text = _note_text(rng, chosen, age, sex, canary or REDACTED_IDENTIFIERS)
             metadata = {CANARY_KEY: canary} if canary else {}
-            notes.append(Note(f"{patient_id}-n{index}", patient_id, text, codes, metadata))
-    return notes
+            yield Note(f"{patient_id}-n{index}", patient_id, text, codes, metadata)
 
 
 def canary_secrets(notes: Sequence[Note]) -> list[str]:

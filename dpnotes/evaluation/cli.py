@@ -23,7 +23,8 @@ from typing import Literal
 
 from dpnotes.config import add_config_arguments, load
 from dpnotes.console import add_console_flags, command
-from dpnotes.corpus import Note, canary_secrets, load_corpus, split_by_patient
+from dpnotes.caches import corpus_cache
+from dpnotes.corpus import Note, canary_secrets, corpus_table, notes_of, split_by_patient
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.errors import UserError
 from dpnotes.evaluation import leakage
@@ -123,7 +124,7 @@ def load_notes(spec: str, options: dict | None = None, what: str = "corpus") -> 
     if spec != "default" and ":" not in spec and not Path(spec).exists():
         raise CLIError(f"{what}: file not found: {spec}")
     try:
-        notes = load_corpus(spec, **(options or {}))
+        notes = notes_of(corpus_table(spec, corpus_cache(), **(options or {})))
     except TypeError as error:  # a reader option the reader does not take
         raise CLIError(f"{what}: bad reader option ({error})") from None
     if not notes:

@@ -28,6 +28,7 @@ from dpnotes.config import Origin, as_dict, build, command_parser, merge, read_w
 from dpnotes.console import command
 from dpnotes import CHECKOUT
 from dpnotes.digests import digest, source_digest
+from dpnotes.caches import corpus_cache
 from dpnotes.corpus import Note, load_configured_splits
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
@@ -111,7 +112,7 @@ class Pipeline:
         """The corpus split once per run (every ε shares it; a large corpus is read once)."""
         config = self.train_config(self.config.epsilons[0])
         return load_configured_splits(config.corpus, default_patients=config.corpus_patients,
-                                      canaries=config.canaries, seed=config.split_seed)
+                                      canaries=config.canaries, seed=config.split_seed, cache=corpus_cache())
 
     @functools.cached_property
     def labels(self) -> list[str]:

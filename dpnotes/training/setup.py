@@ -16,9 +16,10 @@ import torch
 from accelerate import Accelerator, PartialState
 from transformers import PreTrainedTokenizerBase
 
-from dpnotes.corpus import Note, corpus_fingerprint, load_configured_splits
+from dpnotes.caches import corpus_cache, token_cache
+from dpnotes.corpus import corpus_fingerprint, load_split_tables
 from dpnotes.digests import digest
-from dpnotes.models import load_causal_lm, load_tokenizer, token_cache
+from dpnotes.models import load_causal_lm, load_tokenizer
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
@@ -30,21 +31,21 @@ from dpnotes.training.model_setup import count_trainable, prepare_trainable
 Backend = ReplicatedBackend | DeepSpeedBackend
 
 
-def load_training_notes(config: TrainConfig) -> list[Note]:
-    """The train split (by patient) of the configured corpus, validated before any work."""
-    return load_configured_splits(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
-                                  seed=config.split_seed)["train"]
-
-
 def load_training_data(config: TrainConfig, accelerator: Accelerator) -> TokenizedNotes:
     """The train split's tokens from the token cache, keyed by the corpus's fingerprint (no note is
-    read to compute it). On a miss the main process reads, validates, splits and tokenizes the
-    corpus first; the other ranks then memory-map what it stored."""
+    read to compute it). On a miss the main process of each node streams the corpus into the corpus
+    cache (validated), splits it and tokenizes the train split; the other ranks wait, then
+    memory-map what it stored."""
     generated = {"n_patients": config.corpus_patients, "canaries": config.canaries} if config.corpus == "default" else {}
     source = digest(corpus_fingerprint(config.corpus, **generated), "train split", config.split_seed)
-    with accelerator.local_main_process_first():  # one per node: the cache is on each node's disk
-        return load_tokenized(source, lambda: load_training_notes(config), load_tokenizer(config.model),
-                              config.max_length, config.prompt_format(), token_cache())
+
+    def train_split():
+        return load_split_tables(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
+                                 seed=config.split_seed, cache=corpus_cache())["train"]
+
+    with accelerator.local_main_process_first():  # one per node: the caches are on each node's disk
+        return load_tokenized(source, train_split, load_tokenizer(config.model), config.max_length,
+                              config.prompt_format(), token_cache())
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
