@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -60,6 +61,18 @@ class PatientUnits(Sequence):
     def __iter__(self) -> Iterator[list[int]]:
         return (self[unit] for unit in range(len(self)))
 
+    def capped(self, lengths: np.ndarray, max_tokens: int) -> PatientUnits:
+        """Each unit keeps its examples, in order, while their tokens total at most `max_tokens`
+        (`lengths[i]`: tokens of example i). Where a unit is cut depends on its own examples only,
+        so the capped units are still one per patient; the first example always fits when
+        `max_tokens` ≥ max_length, so no unit is emptied."""
+        tokens = lengths[self.order]
+        running = np.cumsum(tokens)
+        before_unit = np.concatenate([[0], running])[self.offsets[:-1]]
+        keep = running - np.repeat(before_unit, np.diff(self.offsets)) <= max_tokens
+        kept_per_unit = np.add.reduceat(keep.astype(np.int64), self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
+        return PatientUnits(self.order[keep], np.concatenate([[0], np.cumsum(kept_per_unit)]))
+
 
 class TokenizedNotes:
     """prompt + text + eos of every note, truncated to max_length; only the text and eos carry loss."""
@@ -77,6 +90,10 @@ class TokenizedNotes:
         if self._units is None:
             self._units = PatientUnits.of(self.table["patient_id"])
         return self._units
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of every example, read from the Arrow offsets (no token is copied)."""
+        return pc.list_value_length(self.table.data.column("input_ids")).to_numpy()
 
     def example(self, index: int) -> tuple[list[int], list[int]]:
         """(input ids, labels) of one note."""

@@ -88,6 +88,11 @@ def test_bad_privacy_target_fails_before_training(tmp_path, tiny_model_dir):
         run(tmp_path, tiny_model_dir, "bad", "privacy.target_epsilon=0")
 
 
+def test_a_patient_token_cap_below_max_length_fails_before_training(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="max_tokens_per_patient must be >= max_length"):
+        run(tmp_path, tiny_model_dir, "bad", "privacy.privacy_unit=patient", "max_tokens_per_patient=8")
+
+
 def test_output_dir_of_another_config_is_refused(tmp_path, tiny_model_dir):
     run(tmp_path, tiny_model_dir, "taken")
     with pytest.raises(ValueError, match="another configuration"):

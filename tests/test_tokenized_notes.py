@@ -87,3 +87,38 @@ def test_a_cached_corpus_is_not_read_again(demo_notes, tiny_model_dir, tmp_path)
     assert [again.example(i) for i in range(100)] == [first.example(i) for i in range(100)]
     write_notes(demo_notes[:99], corpus)  # the file changed: another fingerprint, read again
     assert corpus_fingerprint(str(corpus)) != source
+
+
+def test_the_token_cap_keeps_each_patients_first_notes_that_fit(demo_notes, tiny_model_dir):
+    """Brute force: walk each patient's notes in order, keep while the running total is ≤ the cap."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = tokenize_notes(demo_notes[:400], tokenizer, 160, prompt_format_for("default"))
+    lengths = data.lengths()
+    assert lengths.tolist() == [len(data.example(i)[0]) for i in range(len(data))]
+    for cap in (160, 250, 400, 10_000):
+        expected = []
+        for unit in data.examples_of_patient:
+            total, kept = 0, []
+            for example in unit:
+                total += lengths[example]
+                if total > cap:
+                    break
+                kept.append(example)
+            expected.append(kept)
+        capped = data.examples_of_patient.capped(lengths, cap)
+        assert list(capped) == expected and all(expected)
+    assert sum(map(len, data.examples_of_patient.capped(lengths, 160))) < len(data)  # the cap did cut
+
+
+def test_a_patients_cut_depends_on_that_patient_only(demo_notes, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = prompt_format_for("default")
+    notes = demo_notes[:200]
+    dropped = notes[0].patient_id
+    neighbour = [n for n in notes if n.patient_id != dropped]
+
+    def kept_ids(subset):
+        data = tokenize_notes(subset, tokenizer, 160, prompt)
+        return [[subset[i].id for i in unit] for unit in data.examples_of_patient.capped(data.lengths(), 250)]
+
+    assert kept_ids(notes)[1:] == kept_ids(neighbour)

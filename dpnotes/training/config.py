@@ -23,6 +23,10 @@ class TrainConfig:
     canaries: int = 0  # fake identifiers planted in the default corpus (leakage tests)
     output_dir: str = "runs/dp_lora"
     max_length: int = 256
+    # privacy_unit=patient: a patient's notes count, in corpus order, while their tokens total at most
+    # this (None: 4 × max_length); later notes are not trained on. It bounds a unit's micro-batch (MIMIC
+    # patients have dozens of notes) and is part of the unit's definition: the cut reads that patient only.
+    max_tokens_per_patient: int | None = None
     split_seed: int = 0
     init_seed: int = 0  # LoRA initialisation and dropout: public randomness, unlike sampling and noise
     learning_rate: float = 2e-3
@@ -35,6 +39,9 @@ class TrainConfig:
     prompt: PromptFormat | None = None  # None: the corpus kind's format (dpnotes.prompting.CORPUS_PROMPTS)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def patient_token_cap(self) -> int:
+        return self.max_tokens_per_patient if self.max_tokens_per_patient is not None else 4 * self.max_length
 
     def prompt_format(self) -> PromptFormat:
         return self.prompt or prompt_format_for(self.corpus)

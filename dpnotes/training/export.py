@@ -22,6 +22,7 @@ def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) 
         "max_grad_norm": config.privacy.max_grad_norm,
         "privacy_unit": config.privacy.privacy_unit,
         "privacy_units": engine.num_units,
+        "max_tokens_per_patient": config.patient_token_cap() if config.privacy.privacy_unit == "patient" else None,
         "accountant": config.privacy.accountant,
         "target_epsilon": config.privacy.target_epsilon,
         "corpus": config.corpus,

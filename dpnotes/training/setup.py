@@ -22,6 +22,7 @@ from dpnotes.digests import digest
 from dpnotes.models import load_causal_lm, load_tokenizer
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
+from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
 from dpnotes.tokenized_notes import TokenizedNotes, load_tokenized
 from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint
@@ -112,9 +113,13 @@ class TrainingRun:
 def setup(config: TrainConfig) -> TrainingRun:
     """Build (or, when output_dir holds a checkpoint of this configuration, resume) a run."""
     config.privacy.check()  # what needs no data fails first; δ < 1/N once the units are known
+    if config.patient_token_cap() < config.max_length:
+        raise PrivacyParameterError(f"max_tokens_per_patient must be >= max_length={config.max_length}, "
+                                    f"got {config.max_tokens_per_patient}")
     accelerator = make_accelerator(config)
     data = load_training_data(config, accelerator)
-    examples_of_unit = data.examples_of_patient if config.privacy.privacy_unit == "patient" else None
+    examples_of_unit = (data.examples_of_patient.capped(data.lengths(), config.patient_token_cap())
+                        if config.privacy.privacy_unit == "patient" else None)
     num_units = len(examples_of_unit) if examples_of_unit is not None else len(data)
     config.privacy.validated_delta(num_units)  # bad privacy settings fail before the model is loaded
     claim_output_dir(Path(config.output_dir), config, write=accelerator.is_main_process)
@@ -139,9 +144,10 @@ def start_tracking(run: TrainingRun) -> None:
     trainable, total = count_trainable(run.model)
     summary.update(trainable_parameters=trainable, total_parameters=total, config_hash=config.fingerprint())
     accelerator.init_trackers("dpnotes", config=config_dict(config) | {"derived": summary})
+    unit_cap = f" (≤ {config.patient_token_cap()} tokens each)" if config.privacy.privacy_unit == "patient" else ""
     accelerator.print(
         f"dpnotes DP training | rank {accelerator.process_index}/{accelerator.num_processes} | "
-        f"{len(run.data)} notes, {engine.num_units} {config.privacy.privacy_unit} units | q={engine.sample_rate:.4g} "
+        f"{len(run.data)} notes, {engine.num_units} {config.privacy.privacy_unit} units{unit_cap} | q={engine.sample_rate:.4g} "
         f"σ={engine.noise_multiplier:.4g} C={config.privacy.max_grad_norm} expected batch={summary['expected_batch_size']:.1f} "
         f"steps={config.privacy.steps} target ε={config.privacy.target_epsilon} δ={engine.delta:.3g} | "
         f"trainable {trainable:,}/{total:,}"
