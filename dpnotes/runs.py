@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpnotes.caches import corpus_cache
-from dpnotes.corpus import Note, load_configured_splits, validate_notes
+from dpnotes.corpus import Note, load_configured_splits, read_notes
 
 
 def epsilon_tag(epsilon: float) -> str:
@@ -75,8 +75,5 @@ MANIFEST = "manifest.json"  # in a synthetic/ folder: provenance, ε, sampling
 
 
 def load_synthetic(folder: Path) -> list[Note]:
-    """The notes of a synthetic/ folder, validated."""
-    records = [json.loads(line) for line in (folder / NOTES).read_text().splitlines() if line.strip()]
-    notes = [Note(**record) for record in records]
-    validate_notes(notes, str(folder / NOTES))
-    return notes
+    """The notes of a synthetic/ folder, validated by the corpus layer's reader."""
+    return read_notes(folder / NOTES)
