@@ -229,6 +229,21 @@ def group_tokens(x: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> t
     return grouped.flatten(1, 2)
 
 
+def refuse_reentrant_checkpointing(model: nn.Module) -> None:
+    """Reentrant activation checkpointing runs a layer's forward without a graph and again inside
+    backward: the recorded outputs would carry no gradient and no rule would see the layer. The
+    non-reentrant kind keeps the forward's graph (its saved activations are recomputed), so the
+    recording stays exact (tests/test_dp_models.py)."""
+    for name, module in model.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(checkpoint, "keywords", {}).get("use_reentrant") is not False:
+                raise UnsupportedParameterError(
+                    f"{name} ({type(module).__name__}) uses reentrant activation checkpointing: per-example "
+                    "norms need the non-reentrant kind (gradient_checkpointing_kwargs={'use_reentrant': False})"
+                )
+
+
 class PerExampleClipper:
     """Clips each privacy unit's gradient to `max_grad_norm` and accumulates the clipped sum, in
     fp32 (fp64 for fp64 parameters): `summed()` gives one tensor per parameter of `parameters`."""
@@ -274,6 +289,7 @@ class PerExampleClipper:
     def recording(self, batch_size: int) -> Iterator[None]:
         """Record the forward passes of a batch of `batch_size` examples run inside (hooks are
         removed on exit). The first recording that reaches the model is also audited."""
+        refuse_reentrant_checkpointing(self.model)
         handles = [
             layer.module.register_forward_hook(self._recorder(layer, batch_size), with_kwargs=True)
             for layer in self.layers

@@ -32,6 +32,9 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     dtype: Literal["float32", "bfloat16"] = "float32"  # norms and noise are computed in fp32 either way
+    # transformers' non-reentrant activation checkpointing: recomputes each layer's forward in backward
+    # instead of keeping its activations (bench/activation_checkpointing.py); norms stay exact
+    activation_checkpointing: bool = False
     save_every: int = 25
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD, the update reads the DP gradient directly (tests)
     save_full_model: bool = False  # also write every weight (gathered under ZeRO-3) to output_dir/full_model

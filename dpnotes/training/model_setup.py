@@ -63,6 +63,15 @@ def prepare_trainable(model: PreTrainedModel, config: TrainableConfig) -> nn.Mod
     return get_peft_model(model, lora)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant: the forward keeps its graph (only the
+    saved activations are dropped and recomputed in backward), so the clipper's recorded outputs
+    and layer inputs are those of the forward and the norms stay exact. The reentrant kind runs the
+    forward without a graph and is refused by the clipper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, also when ZeRO-3 has partitioned them (ds_numel)."""
 

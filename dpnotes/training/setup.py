@@ -20,14 +20,14 @@ from dpnotes.caches import corpus_cache, token_cache
 from dpnotes.corpus import corpus_fingerprint, load_split_tables
 from dpnotes.digests import digest
 from dpnotes.models import load_causal_lm, load_tokenizer
+from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
-from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
 from dpnotes.tokenized_notes import TokenizedNotes, load_tokenized
 from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint
 from dpnotes.training.config import TrainConfig, config_dict
-from dpnotes.training.model_setup import count_trainable, prepare_trainable
+from dpnotes.training.model_setup import count_trainable, enable_activation_checkpointing, prepare_trainable
 
 Backend = ReplicatedBackend | DeepSpeedBackend
 
@@ -78,6 +78,8 @@ def load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Modu
     torch.manual_seed(config.init_seed)
     model, tokenizer = load_causal_lm(config.model, dtype=dtype)
     model = prepare_trainable(model, config.trainable).to(device)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
     model.train()
     return model, tokenizer
 
