@@ -13,6 +13,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from dpnotes.privacy.deepspeed import is_deepspeed
 from dpnotes.runs import RunDir
 from dpnotes.training.config import TrainConfig, config_dict
 from dpnotes.errors import UserError
@@ -50,6 +51,19 @@ def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
     return checkpoint
 
 
+# A checkpoint holds what training changes: trainable weights, optimizer, privacy state. DeepSpeed
+# would also write every frozen base weight (140 GB per checkpoint at 70B); on resume those are the
+# base model's, already loaded, so the module state is loaded non-strictly (the trainable weights
+# come back with it and from the optimizer's fp32 partitions; kill/resume is bit-identical,
+# tests/test_scale.py).
+LEAN_DEEPSPEED_SAVE = {"exclude_frozen_parameters": True}
+LEAN_DEEPSPEED_LOAD = {"load_module_strict": False}
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    accelerator.load_state(str(checkpoint), **(LEAN_DEEPSPEED_LOAD if is_deepspeed(accelerator) else {}))
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config_hash: str) -> None:
     """Write the step's state, owner-only (it holds the secret sampling and noise keys), then move
     the `latest` pointer."""
@@ -61,7 +75,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, confi
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o700)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(folder / name))
+        accelerator.save_state(str(folder / name), **(LEAN_DEEPSPEED_SAVE if is_deepspeed(accelerator) else {}))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             restrict_to_owner(folder / name)  # in case a library set modes of its own

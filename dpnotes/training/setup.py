@@ -25,7 +25,7 @@ from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
 from dpnotes.tokenized_notes import TokenizedNotes, load_tokenized
-from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint
+from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint, load_checkpoint
 from dpnotes.training.config import TrainConfig, config_dict
 from dpnotes.training.model_setup import count_trainable, enable_activation_checkpointing, prepare_trainable
 
@@ -162,5 +162,5 @@ def resume(run: TrainingRun) -> None:
     """Load the latest checkpoint of this configuration, if there is one."""
     checkpoint = latest_checkpoint(run.output_dir, run.config.fingerprint())
     if checkpoint is not None:
-        run.accelerator.load_state(str(checkpoint))
+        load_checkpoint(run.accelerator, checkpoint)
         run.accelerator.print(f"resumed from {checkpoint} at step {run.engine.steps_taken}, ε spent {run.engine.epsilon():.4g}")
