@@ -36,12 +36,12 @@ import contextlib
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dpnotes.privacy.clipping import ClipResult
 from dpnotes.privacy.engine import LossFn, MicroBatch, PrivacyEngine
-from dpnotes.privacy.randomness import collective_device, gaussian, stream
+from dpnotes.privacy.collectives import all_reduce_max
+from dpnotes.privacy.randomness import gaussian, stream
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -131,15 +131,6 @@ def _same_randomness():
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
-
-
-def all_reduce_max(value: int) -> int:
-    """The largest `value` over the ranks (on the backend's device: NCCL takes CUDA tensors only)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return int(box.item())
 
 
 class DeepSpeedBackend:
