@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dpnotes.privacy.randomness import stream
-from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer
+from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer, require_fp32_sums
 
 
 def _param(n=20000):
@@ -41,3 +41,15 @@ def test_sigma_zero_armed_steps_without_noise():
     opt.arm(0.0, stream(1, 0, 0))
     opt.step()
     assert torch.equal(p.detach(), -torch.ones(10))
+
+
+def test_deepspeed_is_made_to_accumulate_and_reduce_in_fp32():
+    # DeepSpeed's defaults follow the model's dtype: bf16 sums before the noise unless told otherwise.
+    config = {"bf16": {"enabled": True}}
+    require_fp32_sums(config)
+    assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["communication_data_type"] == "fp32"
+    with pytest.raises(ValueError, match="fp32"):
+        require_fp32_sums({"bf16": {"enabled": True}, "communication_data_type": "bf16"})
+    with pytest.raises(ValueError, match="fp32"):
+        require_fp32_sums({"data_types": {"grad_accum_dtype": "bf16"}})
+

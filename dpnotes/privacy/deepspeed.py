@@ -133,6 +133,20 @@ def _same_randomness():
         torch.cuda.set_rng_state_all(cuda)
 
 
+def require_fp32_sums(ds_config: dict) -> None:
+    """Have DeepSpeed accumulate and reduce the clipped sums in fp32 (unset: set it). Its defaults
+    follow the model's dtype, so under bf16 the sums would be rounded to bf16 (8 significant bits) on every
+    accumulation and reduction before the noise, which is drawn for the exact fp32 sum."""
+    data_types = ds_config.setdefault("data_types", {})
+    accum = data_types.setdefault("grad_accum_dtype", "fp32")
+    reduce = ds_config.setdefault("communication_data_type", "fp32")
+    if (str(accum).lower(), str(reduce).lower()) != ("fp32", "fp32"):
+        raise ValueError(
+            f"the DeepSpeed config must accumulate and reduce gradients in fp32 (data_types.grad_accum_dtype "
+            f"{accum!r}, communication_data_type {reduce!r}): set both to \"fp32\", the clipped sums are noised as fp32"
+        )
+
+
 class DeepSpeedBackend:
     """Clip and noise of PrivacyEngine.step through a DeepSpeed engine (ZeRO-1/2/3)."""
 
@@ -159,6 +173,7 @@ class DeepSpeedBackend:
         if clip not in (0, 0.0, "auto"):
             raise ValueError("set gradient_clipping to 0: per-example DP clipping replaces it")
         ds_config["gradient_clipping"] = 0.0
+        require_fp32_sums(ds_config)
         ds_config.setdefault("zero_allow_untested_optimizer", True)
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
