@@ -167,3 +167,11 @@ def test_every_deepspeed_config_accumulates_and_reduces_the_clipped_sums_in_fp32
     gpu = ds_config["bf16"]["enabled"]  # the *_cpu configs train in fp32 on gloo, where nothing overlaps
     assert zero["overlap_comm"] == (gpu and zero["stage"] in (2, 3)), "overlap_comm on for GPU ZeRO-2/3 only"
 
+
+def test_launch_files_set_the_current_nccl_variables():
+    # torch >= 2.2 reads TORCH_NCCL_ASYNC_ERROR_HANDLING; the bare name is deprecated and will be ignored.
+    import re
+
+    bare = re.compile(r"(?<!TORCH_)NCCL_ASYNC_ERROR_HANDLING")
+    files = [p for pattern in ("docs/*", "accelerate_configs/*", "ds_configs/*", "Makefile") for p in ROOT.glob(pattern)]
+    assert [p.name for p in files if p.is_file() and bare.search(p.read_text())] == []
