@@ -237,12 +237,27 @@ class DeepSpeedBackend:
 
     def save_weights(self, accelerator, folder, full_model: bool = False) -> None:
         """The trained weights (`save_pretrained`: the adapter under LoRA), or with full_model every
-        weight under the wrapped model's key names (PEFT: base + adapter, unmerged). Under ZeRO-3
-        the weights are gathered first (stage3_gather_16bit_weights_on_model_save). Collective:
-        call on every rank; the main process writes."""
+        weight under the wrapped model's key names (PEFT: base + adapter, unmerged; gathered to the
+        main process under ZeRO-3, stage3_gather_16bit_weights_on_model_save). Collective: call on
+        every rank; the main process writes."""
         if full_model:
             accelerator.save_model(self.ds_engine, folder)
             return
-        state = accelerator.get_state_dict(self.ds_engine)  # full state on the main process
+        state = self.trainable_state(accelerator.is_main_process)
         if accelerator.is_main_process:
             self.module.save_pretrained(folder, state_dict=state)
+
+    def trainable_state(self, keep: bool) -> dict[str, torch.Tensor]:
+        """The trainable weights, on the CPU where `keep` (the main process) and nowhere else. Under
+        ZeRO-3 each is gathered alone (at most one whole tensor at a time on each GPU); under ZeRO-1/2
+        every rank holds them whole and nothing is gathered. Never the frozen base: a LoRA adapter
+        of a 70B model is megabytes, its base 140 GB."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        state = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                with GatheredParameters([param]):  # a no-op for a parameter ZeRO-3 does not partition
+                    if keep:
+                        state[name] = param.detach().to("cpu", copy=True)
+        return state
