@@ -21,6 +21,10 @@ the rest go on), all within --budget seconds:
   Private steps are whole DP steps (clipping, noise σ = 1, optimizer) through the replicated backend.
 
 No internet there: models are random-init and the launches' tokenizer is a byte-level one built here.
+dpnotes itself needs its dependencies there (the privacy layer imports the corpus layer: datasets,
+pyarrow, pandas; the accountant: dp-accounting, with scipy): what the machine lacks must travel as
+wheels too. The table's first row names what is missing, and a part that cannot import says so.
+Run it from the checkout (`python bench/gpu_check.py`): dpnotes need not be installed.
 The dry run does all of it on CPU at toy sizes, launching nothing (the launch rows say so).
 """
 from __future__ import annotations
@@ -39,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # a bare GPU machine has the checkout, not dpnotes installed
+    sys.path.insert(0, str(ROOT))
 ROW = "GPU_CHECK_ROW "  # how a part's subprocess hands a table row back
 
 
@@ -63,9 +69,10 @@ SHAPES = {  # Llama-3.2-1B and Llama-3-8B shapes (1B untied: per-example norms o
     "8b": Shape("8B LoRA r=16 q,k,v,o", 4096, 32, 32, 8, 14336, 128256, 16, 8, 512),
 }
 TOY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=32)
-PARTS = {  # name: seconds (on the GPU; the sum stays under the default --budget)
-    "norms": 45, "collectives": 30, "launch-ddp": 90, "launch-zero3": 120, "speed-1b": 120, "speed-8b": 150,
+PARTS = {  # name: seconds on the GPU. speed-1b draws σ·N(0,1) for 1.2B coordinates on the CPU each DP step
+    "norms": 45, "collectives": 30, "launch-ddp": 90, "launch-zero3": 120, "speed-1b": 180, "speed-8b": 120,
 }
+NEEDED = ["torch", "transformers", "accelerate", "peft", "datasets", "pyarrow", "pandas", "dp_accounting", "deepspeed"]
 LAUNCH_STEPS = 3
 
 
@@ -210,7 +217,9 @@ def part_launch(args, zero3: bool) -> None:
             emit(part, "1 process", "dry run", note="not launched: " + " ".join(Path(c).name for c in command[:4]) + " …")
             return
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path))
         elapsed = time.perf_counter() - start
         ok = done.returncode == 0 and (Path(tmp) / "run" / "privacy_report.json").exists()
         last = ((done.stdout + done.stderr).strip().splitlines() or [""])[-1][:150]
@@ -374,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, nothing launched (CI)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--budget", type=float, default=570.0, help="seconds for the whole check (default 570)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per speed row (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per speed row (after one warm-up)")
     parser.add_argument("--out", type=Path, help="also append the table to this markdown file")
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # a part's own process
     args = parser.parse_args(argv)
@@ -384,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.dry_run:
         _require_gpu()
     deadline = time.monotonic() + args.budget
-    rows = []
+    missing = [name for name in NEEDED if not _importable(name)]
+    rows = [{"part": "requirements", "setting": ", ".join(NEEDED), "result": "missing" if missing else "ok",
+             "note": "missing: " + ", ".join(missing) if missing else ""}]
     for name in args.parts:
         left = deadline - time.monotonic()
         if left < 10:
