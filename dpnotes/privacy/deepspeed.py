@@ -135,7 +135,7 @@ def _same_randomness():
 
 def require_fp32_sums(ds_config: dict) -> None:
     """Have DeepSpeed accumulate and reduce the clipped sums in fp32 (unset: set it). Its defaults
-    follow the model's dtype, so under bf16 the sums would be rounded to bf16 (8 significant bits) on every
+    follow the model's dtype: under bf16 the sums would be rounded to 8 significant bits at every
     accumulation and reduction before the noise, which is drawn for the exact fp32 sum."""
     data_types = ds_config.setdefault("data_types", {})
     accum = data_types.setdefault("grad_accum_dtype", "fp32")
