@@ -206,7 +206,8 @@ def part_launch(args, zero3: bool) -> None:
         model_dir = Path(tmp) / "tiny"
         tiny_llama_with_byte_tokenizer(model_dir)
         train = [str(ROOT / "train/dp_lora.py"), "--config", "train/configs/tiny_test.yaml", f"model={model_dir}",
-                 f"output_dir={Path(tmp) / 'run'}", f"privacy.steps={LAUNCH_STEPS}", f"save_every={LAUNCH_STEPS}"]
+                 f"output_dir={Path(tmp) / 'run'}", f"privacy.steps={LAUNCH_STEPS}", f"save_every={LAUNCH_STEPS}",
+                 "max_length=512"]  # bytes: at 64 the prompt fills every sequence and nothing carries a loss
         if zero3:
             launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
                         str(zero3_launch_config(Path(tmp)))]
@@ -247,7 +248,7 @@ def tiny_llama_with_byte_tokenizer(folder: Path) -> None:
     tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
     tokenizer.pre_tokenizer, tokenizer.decoder = byte_level, decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eos|>", pad_token="<|eos|>")
-    tiny_llama(vocab=len(fast), hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_positions=128).save_pretrained(folder)
+    tiny_llama(vocab=len(fast), hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_positions=512).save_pretrained(folder)
     fast.save_pretrained(folder)
 
 
