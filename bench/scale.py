@@ -28,6 +28,7 @@ CPU_CONFIGS = {"zero2": "accelerate_configs/zero2_cpu_2proc.yaml", "zero3": "acc
 def worker(args) -> None:
     import torch
 
+    from dpnotes.privacy.collectives import barrier
     from dpnotes.privacy.deepspeed import DeepSpeedBackend, zero_stage
     from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
     from dpnotes.privacy.losses import causal_lm_losses
@@ -79,10 +80,10 @@ def worker(args) -> None:
         if step % 2:
             order.reverse()
         for name, fn in order:
-            torch.distributed.barrier()
+            barrier()
             start = time.perf_counter()
             fn()
-            torch.distributed.barrier()
+            barrier()
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     if backend.rank == 0:

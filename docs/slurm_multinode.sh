@@ -20,10 +20,12 @@ export GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 export NNODES=$SLURM_NNODES
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
-export NCCL_ASYNC_ERROR_HANDLING=1
+# A rank that hits an NCCL error or timeout aborts its communicators instead of hanging the job
+# (torch >= 2.2 reads this name; the one without the TORCH_ prefix is deprecated).
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
-# The privacy seed must NOT be in the config for a real run: rank 0 draws a secret one and
-# broadcasts it (sampling and noise streams derive from it; it is kept only in checkpoints).
+# The privacy seed must NOT be in the config for a real run: rank 0 draws secret keys and
+# broadcasts them (the sampling and noise streams derive from them; they are kept only in checkpoints).
 srun --kill-on-bad-exit=1 bash -c '
   .venv/bin/accelerate launch \
     --config_file accelerate_configs/multi_node_zero3.yaml \

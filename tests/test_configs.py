@@ -137,3 +137,41 @@ def test_the_console_script_reports_a_config_error_in_one_line():
     assert result.returncode == 2
     assert result.stderr.startswith("error: command line: unknown key 'privacy.epsilon'; known: ")
     assert result.stderr.count("\n") == 1
+
+
+def deepspeed_configs() -> list[tuple[str, dict]]:
+    """Every DeepSpeed config shipped: ds_configs/*.json, and what the DeepSpeed accelerate configs
+    name or embed."""
+    import json
+
+    import yaml
+
+    found = [(p.name, json.loads(p.read_text())) for p in sorted((ROOT / "ds_configs").glob("*.json"))]
+    for path in shipped("accelerate_configs"):
+        launch = yaml.safe_load(path.read_text())
+        if launch.get("distributed_type") != "DEEPSPEED":
+            continue
+        settings = launch["deepspeed_config"]
+        file = settings.get("deepspeed_config_file")
+        found.append((path.name, json.loads((ROOT / file).read_text()) if file else settings))
+    return found
+
+
+@pytest.mark.parametrize("name, ds_config", deepspeed_configs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_deepspeed_config_accumulates_and_reduces_the_clipped_sums_in_fp32(name, ds_config):
+    # The keys as the installed DeepSpeed reads them: a misspelt key would be silently ignored.
+    constants = pytest.importorskip("deepspeed.runtime.constants")
+    assert ds_config[constants.DATA_TYPES][constants.GRAD_ACCUM_DTYPE] == "fp32"
+    assert ds_config[constants.COMMUNICATION_DATA_TYPE] == "fp32"
+    zero = ds_config["zero_optimization"]
+    gpu = ds_config["bf16"]["enabled"]  # the *_cpu configs train in fp32 on gloo, where nothing overlaps
+    assert zero["overlap_comm"] == (gpu and zero["stage"] in (2, 3)), "overlap_comm on for GPU ZeRO-2/3 only"
+
+
+def test_launch_files_set_the_current_nccl_variables():
+    # torch >= 2.2 reads TORCH_NCCL_ASYNC_ERROR_HANDLING; the bare name is deprecated and will be ignored.
+    import re
+
+    bare = re.compile(r"(?<!TORCH_)NCCL_ASYNC_ERROR_HANDLING")
+    files = [p for pattern in ("docs/*", "accelerate_configs/*", "ds_configs/*", "Makefile") for p in ROOT.glob(pattern)]
+    assert [p.name for p in files if p.is_file() and bare.search(p.read_text())] == []

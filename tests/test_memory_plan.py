@@ -67,3 +67,25 @@ def test_the_train_command_plans_any_model_from_its_settings(capsys):
           "trainable.lora_rank=16", "--gpus", "8"])
     out = capsys.readouterr().out
     assert out.startswith("llama-70b: 68.98B params, LoRA r=16") and "breakdown at ZeRO-3 on 8 GPU(s)" in out
+
+
+def test_the_plan_is_for_the_card_it_is_given():
+    # LLaMA-70B LoRA at 2048 tokens: ~84 GB per GPU under ZeRO-3 does not fit an 80 GB card, fits an H200's 141.
+    run = RunShape(lora_rank=16, seq=2048)
+    on_h100 = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], run, gpu_gb=80)}
+    on_h200 = {row["topology"]: row["choice"] for row in plan(PRESETS["llama-70b"], run, gpu_gb=141)}
+    assert on_h100["8x80GB"] is None and on_h200["8x141GB"] == "ZeRO-3"
+
+
+def test_the_train_command_takes_the_card_memory(capsys):
+    from dpnotes.training.cli import main
+
+    args = ["--dry-run", "model=llama-70b", "max_length=2048", "dtype=bfloat16", "privacy.micro_batch_size=1",
+            "trainable.lora_rank=16"]
+    main([*args, "--gpu-memory-gb", "h200"])
+    assert "8x141GB           -> ZeRO-3" in capsys.readouterr().out
+    main([*args, "--gpu-memory-gb", "40"])
+    assert "8x40GB            -> does not fit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--gpu-memory-gb", "h300"])
+    assert "h100, h200" in capsys.readouterr().err

@@ -9,7 +9,9 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
-from dpnotes.training.checkpoints import RUN_STAMP, CheckpointError, latest_checkpoint
+from dpnotes.errors import UserError
+from dpnotes.runs import RunDir
+from dpnotes.training.checkpoints import RUN_STAMP, CheckpointError, claim_output_dir, latest_checkpoint
 from dpnotes.training.recipe import train
 from dpnotes.training.config import load_config
 
@@ -98,6 +100,48 @@ def test_output_dir_of_another_config_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="another configuration"):
         run(tmp_path, tiny_model_dir, "taken", "learning_rate=0.5")
 
+
+
+class Rank:
+    """One rank's view of a first launch: `during_barrier` is what the other ranks do meanwhile."""
+
+    def __init__(self, main: bool, during_barrier=lambda: None):
+        self.is_main_process, self.during_barrier, self.barriers = main, during_barrier, 0
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+        self.during_barrier()
+
+
+def test_the_main_process_claims_the_output_dir_whole_before_the_barrier(tmp_path):
+    config, out = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}"]), tmp_path / "run"
+
+    def others_read_it():  # what the other ranks find when they pass the barrier
+        assert json.loads(RunDir(out).config.read_text())["config_hash"] == config.fingerprint()
+
+    main = Rank(main=True, during_barrier=others_read_it)
+    claim_output_dir(main, out, config)
+    assert main.barriers == 1 and [p.name for p in out.iterdir()] == [RunDir(out).config.name]
+
+
+def test_other_ranks_check_the_stamp_only_after_the_barrier(tmp_path):
+    # On a first launch the stamp does not exist yet when a non-main rank arrives; the main process
+    # writes it (here: of another configuration) while that rank waits. Checking before the barrier,
+    # it would find nothing and skip the check.
+    config, out = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}"]), tmp_path / "run"
+    other = load_config(CONFIG, [f"output_dir={out}", "learning_rate=0.5"])
+    with pytest.raises(UserError, match="another configuration"):
+        claim_output_dir(Rank(main=False, during_barrier=lambda: claim_output_dir(Rank(main=True), out, other)), out, config)
+
+
+def test_a_refused_output_dir_stops_every_rank_after_the_barrier(tmp_path):
+    config, out = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}"]), tmp_path / "run"
+    claim_output_dir(Rank(main=True), out, load_config(CONFIG, [f"output_dir={out}", "learning_rate=0.5"]))
+    for main in (True, False):  # the main process reaches the barrier too: no rank waits there forever
+        rank = Rank(main=main)
+        with pytest.raises(UserError, match="another configuration"):
+            claim_output_dir(rank, out, config)
+        assert rank.barriers == 1
 
 def test_lora_on_the_top_layers_only_adapts_those_layers_and_stays_exact():
     from dpnotes.testing.dp_oracle import assert_clipper_matches_oracle

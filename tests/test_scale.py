@@ -37,6 +37,8 @@ LAUNCH_CONFIGS = {
     "zero1": "accelerate_configs/zero1_cpu_2proc.yaml",
     "zero2": "accelerate_configs/zero2_cpu_2proc.yaml",
     "zero3": "accelerate_configs/zero3_cpu_2proc.yaml",
+    # The GPU config: bf16 with fp32 gradient accumulation makes ZeRO-1 run DeepSpeed's BF16_Optimizer.
+    "zero1-bf16": "accelerate_configs/zero1_bf16_cpu_2proc.yaml",
 }
 EXPECTED_BATCH = 8  # tiny_test.yaml
 EXACT = ["privacy.target_epsilon=inf", "privacy.max_grad_norm=0.01", "privacy.steps=3"]
@@ -76,7 +78,7 @@ def launch(backend: str, model_dir, out: Path, overrides, kill_after: int | None
     ranks = sorted(re.findall(r"dpnotes rank (\d+)/(\d+)", output))
     assert ranks == [("0", "2"), ("1", "2")], (ranks, output[-3000:])
     if backend.startswith("zero"):
-        assert f"DeepSpeed ZeRO-{backend[-1]}:" in output
+        assert f"DeepSpeed ZeRO-{backend[4]}:" in output
     if backend == "zero3":  # ZeRO-3 must really partition the LoRA tensors for the test to mean anything
         match = re.search(r"ZeRO-3: (\d+)/(\d+) trainable tensors partitioned", output)
         assert match and match.group(1) == match.group(2) != "0", output[-3000:]
@@ -133,7 +135,7 @@ def noise_std_ratio(out: Path) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["single", "ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["single", "ddp", "zero2", "zero3", "zero1-bf16"])
 def test_noise_std_on_the_update_is_sigma_c_over_expected_batch(backend, runs):
     ratio = noise_std_ratio(runs("noisy", backend))
     print(f"{backend}: empirical/expected noise std = {ratio:.3f}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dpnotes.privacy.randomness import stream
-from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer
+from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer, require_fp32_sums
 
 
 def _param(n=20000):
@@ -41,3 +41,46 @@ def test_sigma_zero_armed_steps_without_noise():
     opt.arm(0.0, stream(1, 0, 0))
     opt.step()
     assert torch.equal(p.detach(), -torch.ones(10))
+
+
+def test_deepspeed_is_made_to_accumulate_and_reduce_in_fp32():
+    # DeepSpeed's defaults follow the model's dtype: bf16 sums before the noise unless told otherwise.
+    config = {"bf16": {"enabled": True}}
+    require_fp32_sums(config)
+    assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["communication_data_type"] == "fp32"
+    with pytest.raises(ValueError, match="fp32"):
+        require_fp32_sums({"bf16": {"enabled": True}, "communication_data_type": "bf16"})
+    with pytest.raises(ValueError, match="fp32"):
+        require_fp32_sums({"data_types": {"grad_accum_dtype": "bf16"}})
+
+
+class _Rank:
+    """The accelerator of one rank as save_weights sees it; the full state dict is not to be had."""
+
+    def __init__(self, main: bool):
+        self.is_main_process = main
+
+    def get_state_dict(self, model):
+        raise AssertionError("the full model's state dict was cloned to the CPU on this rank")
+
+
+def test_saving_the_adapter_copies_only_the_adapter_and_only_on_the_main_process(tmp_path):
+    # ZeRO-1/2 (parameters not partitioned): accelerate's get_state_dict would clone the whole model
+    # to the CPU on every rank to write megabytes of adapter.
+    from safetensors.torch import load_file
+
+    from dpnotes.privacy.deepspeed import DeepSpeedBackend
+    from dpnotes.testing.tiny_models import tiny_causal_lm
+    from dpnotes.training.model_setup import TrainableConfig, prepare_trainable
+
+    pytest.importorskip("deepspeed")
+    model = prepare_trainable(tiny_causal_lm("llama"), TrainableConfig(lora_rank=4, lora_targets=["q_proj", "v_proj"]))
+    backend = DeepSpeedBackend(None, model, None, rank=0, world_size=2)
+    assert backend.trainable_state(keep=False) == {}
+    backend.save_weights(_Rank(main=False), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    backend.save_weights(_Rank(main=True), tmp_path / "main")
+    saved = load_file(tmp_path / "main" / "adapter_model.safetensors")
+    adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(saved) == len(adapter) == 8 and all("lora_" in key for key in saved)
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in adapter.values())

@@ -10,10 +10,10 @@ optimizer steps on it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dpnotes.privacy.clipping import ClipResult
+from dpnotes.privacy.collectives import all_reduce_sum_
 from dpnotes.privacy.engine import LossFn, MicroBatch, PrivacyEngine
 
 
@@ -57,9 +57,7 @@ class ReplicatedBackend:
     def noise_and_step(self, engine: PrivacyEngine) -> None:
         clipper = engine.clipper
         sums = clipper.summed()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for total in sums:
-                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        all_reduce_sum_(sums)  # before the noise: it is drawn once, identically on every rank
         engine.noise.add_(sums, step=engine.steps_taken)
         scale = 1.0 / engine.expected_batch_size
         for param, total in zip(clipper.parameters, sums):

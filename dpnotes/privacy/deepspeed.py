@@ -36,12 +36,12 @@ import contextlib
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dpnotes.privacy.clipping import ClipResult
 from dpnotes.privacy.engine import LossFn, MicroBatch, PrivacyEngine
-from dpnotes.privacy.randomness import collective_device, gaussian, stream
+from dpnotes.privacy.collectives import all_reduce_max
+from dpnotes.privacy.randomness import gaussian, stream
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -133,13 +133,18 @@ def _same_randomness():
         torch.cuda.set_rng_state_all(cuda)
 
 
-def all_reduce_max(value: int) -> int:
-    """The largest `value` over the ranks (on the backend's device: NCCL takes CUDA tensors only)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return int(box.item())
+def require_fp32_sums(ds_config: dict) -> None:
+    """Have DeepSpeed accumulate and reduce the clipped sums in fp32 (unset: set it). Its defaults
+    follow the model's dtype: under bf16 the sums would be rounded to 8 significant bits at every
+    accumulation and reduction before the noise, which is drawn for the exact fp32 sum."""
+    data_types = ds_config.setdefault("data_types", {})
+    accum = data_types.setdefault("grad_accum_dtype", "fp32")
+    reduce = ds_config.setdefault("communication_data_type", "fp32")
+    if (str(accum).lower(), str(reduce).lower()) != ("fp32", "fp32"):
+        raise ValueError(
+            f"the DeepSpeed config must accumulate and reduce gradients in fp32 (data_types.grad_accum_dtype "
+            f"{accum!r}, communication_data_type {reduce!r}): set both to \"fp32\", the clipped sums are noised as fp32"
+        )
 
 
 class DeepSpeedBackend:
@@ -168,6 +173,7 @@ class DeepSpeedBackend:
         if clip not in (0, 0.0, "auto"):
             raise ValueError("set gradient_clipping to 0: per-example DP clipping replaces it")
         ds_config["gradient_clipping"] = 0.0
+        require_fp32_sums(ds_config)
         ds_config.setdefault("zero_allow_untested_optimizer", True)
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -231,12 +237,27 @@ class DeepSpeedBackend:
 
     def save_weights(self, accelerator, folder, full_model: bool = False) -> None:
         """The trained weights (`save_pretrained`: the adapter under LoRA), or with full_model every
-        weight under the wrapped model's key names (PEFT: base + adapter, unmerged). Under ZeRO-3
-        the weights are gathered first (stage3_gather_16bit_weights_on_model_save). Collective:
-        call on every rank; the main process writes."""
+        weight under the wrapped model's key names (PEFT: base + adapter, unmerged; gathered to the
+        main process under ZeRO-3, stage3_gather_16bit_weights_on_model_save). Collective: call on
+        every rank; the main process writes."""
         if full_model:
             accelerator.save_model(self.ds_engine, folder)
             return
-        state = accelerator.get_state_dict(self.ds_engine)  # full state on the main process
+        state = self.trainable_state(accelerator.is_main_process)
         if accelerator.is_main_process:
             self.module.save_pretrained(folder, state_dict=state)
+
+    def trainable_state(self, keep: bool) -> dict[str, torch.Tensor]:
+        """The trainable weights, on the CPU where `keep` (the main process) and nowhere else. Under
+        ZeRO-3 each is gathered alone (at most one whole tensor at a time on each GPU); under ZeRO-1/2
+        every rank holds them whole and nothing is gathered. Never the frozen base: a LoRA adapter
+        of a 70B model is megabytes, its base 140 GB."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        state = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                with GatheredParameters([param]):  # a no-op for a parameter ZeRO-3 does not partition
+                    if keep:
+                        state[name] = param.detach().to("cpu", copy=True)
+        return state

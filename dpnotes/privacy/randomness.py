@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from dpnotes.privacy.collectives import broadcast_ints
 
 KEY_BITS = 128
 REPLICATED = 2**64 - 1  # rank word of a stream that every rank draws identically (DDP-style noise)
@@ -59,25 +60,14 @@ class SecretKeys:
 def shared_keys(seed: int | None) -> SecretKeys:
     """The same keys on every rank: drawn (or derived) on rank 0 and broadcast."""
     keys = SecretKeys.fresh() if seed is None else SecretKeys.from_seed(seed)
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return keys
     # 32-bit words: a 128-bit key does not fit the int64 elements collectives move.
     words = [(value >> (32 * i)) & 0xFFFFFFFF for value in (keys.sampling, keys.noise) for i in range(4)]
-    box = torch.tensor(words, dtype=torch.int64, device=collective_device())
-    dist.broadcast(box, src=0)
-    return SecretKeys(*_join_words([int(w) for w in box.tolist()]), keys.fixed_seed)
+    return SecretKeys(*_join_words(broadcast_ints(words, src=0)), keys.fixed_seed)
 
 
 def _join_words(words: list[int]) -> tuple[int, int]:
     """Eight 32-bit words, least significant first, as the (sampling, noise) keys."""
     return tuple(sum(w << (32 * i) for i, w in enumerate(part)) for part in (words[:4], words[4:]))
-
-
-def collective_device() -> torch.device:
-    """Where tensors for collectives must live: NCCL takes CUDA tensors only, gloo CPU ones."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def stream(key: int, step: int, rank: int = REPLICATED) -> np.random.Generator:

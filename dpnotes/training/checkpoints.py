@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -94,17 +95,37 @@ def restrict_to_owner(root: Path) -> None:
         path.chmod(path.stat().st_mode & 0o700)
 
 
-def claim_output_dir(output_dir: Path, config: TrainConfig, write: bool) -> None:
-    """Bind output_dir to this config: resuming someone else's checkpoints would mix two runs."""
+STAMP_WAIT_S = 60.0  # NFS caches a lookup that found nothing for up to acdirmax (60 s by default)
+
+
+def claim_output_dir(accelerator: Accelerator, output_dir: Path, config: TrainConfig) -> None:
+    """Bind output_dir to this config: resuming someone else's checkpoints would mix two runs.
+
+    Collective. On a first launch only the main process writes the stamp (whole, by a rename) and
+    the others read it after a barrier: reading sooner, on a shared file system, they would find
+    no stamp (and skip the check) or half of one. Every rank then checks the same stamp, so a
+    mismatch stops them all, and none is left waiting at a barrier the main process never reaches."""
     stamp = RunDir(output_dir).config
-    if stamp.exists():
-        recorded = json.loads(stamp.read_text()).get("config_hash")
-        if recorded != config.fingerprint():
-            raise UserError(
-                f"{output_dir} holds a run with another configuration (hash {recorded}, this one "
-                f"{config.fingerprint()}): choose another output_dir or delete it"
-            )
-        return
-    if write:
+    if accelerator.is_main_process and not stamp.exists():
         output_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"config_hash": config.fingerprint(), **config_dict(config)}, indent=2))
+        tmp = stamp.with_name(stamp.name + ".tmp")
+        tmp.write_text(json.dumps({"config_hash": config.fingerprint(), **config_dict(config)}, indent=2))
+        tmp.replace(stamp)
+    accelerator.wait_for_everyone()
+    recorded = json.loads(_appeared(stamp).read_text()).get("config_hash")
+    if recorded != config.fingerprint():
+        raise UserError(
+            f"{output_dir} holds a run with another configuration (hash {recorded}, this one "
+            f"{config.fingerprint()}): choose another output_dir or delete it"
+        )
+
+
+def _appeared(stamp: Path) -> Path:
+    """`stamp`, once this node sees it (the main process has written it before the barrier)."""
+    deadline = time.monotonic() + STAMP_WAIT_S
+    while not stamp.exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"{stamp} was written by the main process but is not visible here after "
+                            f"{STAMP_WAIT_S:.0f} s: is output_dir on a file system every node shares?")
+        time.sleep(0.5)
+    return stamp

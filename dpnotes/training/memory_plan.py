@@ -3,6 +3,7 @@
     dpnotes train --dry-run --config train/configs/demo_smollm2.yaml   # plan for the run's config
     dpnotes train --dry-run model=llama-70b max_length=2048 dtype=bfloat16 privacy.micro_batch_size=1 \
         trainable.lora_rank=16 privacy.clipping=ghost                 # any preset (PRESETS) or HF folder
+    dpnotes train --dry-run --gpu-memory-gb h200 ...                  # the card: h100 (80 GB), h200 (141 GB), or GB
 
 Estimates, per GPU, in bytes (bf16 compute, fp32 master weights and Adam states):
   weights        2·P                   (ZeRO-3: /N; offload_param: 0)
@@ -22,6 +23,7 @@ These are planning estimates (±20 %), not guarantees; measure before a long run
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, replace
 
 GiB = 1024**3
@@ -133,19 +135,35 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, float]:
     }
 
 
-TOPOLOGIES = {"1x80GB": 1, "8x80GB": 8, "2 nodes x 8x80GB": 16}
+TOPOLOGIES = {"1x{gb}GB": 1, "8x{gb}GB": 8, "2 nodes x 8x{gb}GB": 16}  # labels, by the card's memory
 STAGES = [(0, False), (1, False), (2, False), (3, False), (3, True)]
+GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0}  # memory per card, as sold (10^9 bytes)
+
+
+def gpu_memory_gb(text: str) -> float:
+    """A card's memory from a preset name (GPU_MEMORY_GB) or a number of GB (argparse type)."""
+    if text.lower() in GPU_MEMORY_GB:
+        return GPU_MEMORY_GB[text.lower()]
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = 0.0
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"GPU memory must be a number of GB > 0 or one of {', '.join(GPU_MEMORY_GB)}, got {text!r}")
+    return gb
 
 
 def stage_name(stage: int, offload: bool) -> str:
     return "DDP-style" if stage == 0 else f"ZeRO-{stage}" + ("+offload" if offload else "")
 
 
-def plan(model: ModelShape, run: RunShape, gpu_bytes: float = 80e9, usable: float = 0.9) -> list[dict]:
-    """For each topology, every stage with its per-GPU total and whether it fits; `choice` is the
-    cheapest fitting one (lowest stage: least communication; offload last)."""
+def plan(model: ModelShape, run: RunShape, gpu_gb: float = 80.0, usable: float = 0.9) -> list[dict]:
+    """For each topology of `gpu_gb` cards, every stage with its per-GPU total and whether it fits;
+    `choice` is the cheapest fitting one (lowest stage: least communication; offload last)."""
     rows = []
-    for topo, gpus in TOPOLOGIES.items():
+    gpu_bytes = gpu_gb * 1e9
+    for label, gpus in TOPOLOGIES.items():
+        topo = label.format(gb=f"{gpu_gb:g}")
         options = []
         for stage, offload in STAGES:
             if gpus == 1 and stage in (1, 2, 3) and not offload:
@@ -157,14 +175,14 @@ def plan(model: ModelShape, run: RunShape, gpu_bytes: float = 80e9, usable: floa
     return rows
 
 
-def format_plan(name: str, model: ModelShape, run: RunShape) -> str:
+def format_plan(name: str, model: ModelShape, run: RunShape, gpu_gb: float = 80.0) -> str:
     pt = trainable_params(model, run)
     what = "full fine-tuning" if run.lora_rank is None else f"LoRA r={run.lora_rank} on {','.join(run.lora_targets)}"
     lines = [
         f"{name}: {model.params / 1e9:.2f}B params, {what} ({pt / 1e6:.1f}M trainable), "
         f"seq {run.seq}, micro-batch {run.micro_batch}, clipping {run.clipping}"
     ]
-    for row in plan(model, run):
+    for row in plan(model, run, gpu_gb):
         cells = ", ".join(f"{o['stage']} {o['total'] / GiB:.1f}G{'' if o['fits'] else ' ✗'}" for o in row["options"])
         lines.append(f"  {row['topology']:<17} -> {row['choice'] or 'does not fit'}   [{cells}]")
     detail = estimate(model, replace(run))
@@ -199,8 +217,8 @@ def shape_for(model: str) -> ModelShape:
     return shape_from_hf_config(AutoConfig.from_pretrained(source))
 
 
-def dry_run(config, gpus: int = 8, zero: int = 3, activation_checkpointing: bool = False) -> str:
-    """The plan for a TrainConfig (dpnotes train --dry-run)."""
+def dry_run(config, gpus: int = 8, zero: int = 3, activation_checkpointing: bool = False, gpu_gb: float = 80.0) -> str:
+    """The plan for a TrainConfig on cards of `gpu_gb` (dpnotes train --dry-run)."""
     trainable = config.trainable
     run = RunShape(
         seq=config.max_length, micro_batch=config.privacy.micro_batch_size,
@@ -208,4 +226,4 @@ def dry_run(config, gpus: int = 8, zero: int = 3, activation_checkpointing: bool
         lora_targets=tuple(trainable.lora_targets), clipping=config.privacy.clipping, zero=zero, gpus=gpus,
         weight_bytes=2 if config.dtype == "bfloat16" else 4, activation_checkpointing=activation_checkpointing,
     )
-    return format_plan(config.model, shape_for(config.model), run)
+    return format_plan(config.model, shape_for(config.model), run, gpu_gb)

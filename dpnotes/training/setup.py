@@ -124,7 +124,7 @@ def setup(config: TrainConfig) -> TrainingRun:
                         if config.privacy.privacy_unit == "patient" else None)
     num_units = len(examples_of_unit) if examples_of_unit is not None else len(data)
     config.privacy.validated_delta(num_units)  # bad privacy settings fail before the model is loaded
-    claim_output_dir(Path(config.output_dir), config, write=accelerator.is_main_process)
+    claim_output_dir(accelerator, Path(config.output_dir), config)
     model, tokenizer = load_model(config, accelerator.device)
     engine = PrivacyEngine(model, config.privacy, num_units, examples_of_unit)
     backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
