@@ -89,3 +89,15 @@ def test_the_train_command_takes_the_card_memory(capsys):
     with pytest.raises(SystemExit):
         main([*args, "--gpu-memory-gb", "h300"])
     assert "h100, h200" in capsys.readouterr().err
+
+
+def test_the_plan_counts_the_runs_activation_checkpointing(capsys):
+    """70B LoRA at 2048 tokens fits 8 × 80 GB under ZeRO-3 once the run checkpoints activations."""
+    from dpnotes.training.cli import main
+
+    args = ["--dry-run", "model=llama-70b", "max_length=2048", "dtype=bfloat16", "privacy.micro_batch_size=1",
+            "trainable.lora_rank=16"]
+    main(args)
+    assert "8x80GB            -> does not fit" in capsys.readouterr().out
+    main([*args, "activation_checkpointing=true"])
+    assert "8x80GB            -> ZeRO-3" in capsys.readouterr().out

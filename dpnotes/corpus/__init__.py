@@ -1,54 +1,31 @@
 """The note corpus layer: one schema (`Note`) shared by train, generate and eval, its streaming
 readers and writers, the corpus as an Arrow table (cached by fingerprint), patient-level splits and
-the embedded synthetic default corpus."""
-from dpnotes.corpus.arrow import notes_of, notes_table
-from dpnotes.corpus.load import (corpus_fingerprint, corpus_table, iter_corpus, load_configured_splits, load_corpus,
-                                 load_split_tables)
-from dpnotes.corpus.mimic import read_mimic3, read_mimic4
-from dpnotes.corpus.public_corpora import MTSAMPLES_DOCUMENT_TYPES, read_cmc2007, read_mtsamples
-from dpnotes.corpus.readers import iter_notes, read_notes, write_notes
-from dpnotes.corpus.schema import CorpusError, Note, NoteValidator, validate_notes
-from dpnotes.corpus.splits import examples_by_patient, label_counts, split_by_patient, split_rows
+the embedded synthetic default corpus.
 
-# synthetic_default is imported on first use: importing it here would make
-# `python -m dpnotes.corpus.synthetic_default` load the module twice (runpy warns about that).
-_SYNTHETIC_NAMES = ("canary_secrets", "generate_default_corpus", "iter_default_corpus")
+Names are imported from their modules on first use: a module that needs only the code lists (the
+prompt format, hence the privacy layer's losses) does not pull in pandas, pyarrow and datasets, and
+`python -m dpnotes.corpus.synthetic_default` does not load that module twice (runpy warns about that).
+"""
+import importlib
+
+_MODULE_OF = {
+    "notes_of": "arrow", "notes_table": "arrow",
+    "corpus_fingerprint": "load", "corpus_table": "load", "iter_corpus": "load", "load_configured_splits": "load",
+    "load_corpus": "load", "load_split_tables": "load",
+    "read_mimic3": "mimic", "read_mimic4": "mimic",
+    "MTSAMPLES_DOCUMENT_TYPES": "public_corpora", "read_cmc2007": "public_corpora", "read_mtsamples": "public_corpora",
+    "iter_notes": "readers", "read_notes": "readers", "write_notes": "readers",
+    "CorpusError": "schema", "Note": "schema", "NoteValidator": "schema", "validate_notes": "schema",
+    "examples_by_patient": "splits", "label_counts": "splits", "split_by_patient": "splits", "split_rows": "splits",
+    "canary_secrets": "synthetic_default", "generate_default_corpus": "synthetic_default",
+    "iter_default_corpus": "synthetic_default",
+}
 
 
 def __getattr__(name: str):
-    if name in _SYNTHETIC_NAMES:
-        from dpnotes.corpus import synthetic_default
-
-        return getattr(synthetic_default, name)
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"dpnotes.corpus.{_MODULE_OF[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "MTSAMPLES_DOCUMENT_TYPES",
-    "CorpusError",
-    "Note",
-    "NoteValidator",
-    "canary_secrets",
-    "corpus_fingerprint",
-    "corpus_table",
-    "generate_default_corpus",
-    "examples_by_patient",
-    "iter_corpus",
-    "iter_default_corpus",
-    "iter_notes",
-    "label_counts",
-    "load_configured_splits",
-    "load_corpus",
-    "load_split_tables",
-    "notes_of",
-    "notes_table",
-    "read_cmc2007",
-    "read_mimic3",
-    "read_mimic4",
-    "read_mtsamples",
-    "read_notes",
-    "split_by_patient",
-    "split_rows",
-    "validate_notes",
-    "write_notes",
-]
+__all__ = sorted(_MODULE_OF)

@@ -22,12 +22,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--zero", type=int, default=3, help="--dry-run: ZeRO stage of the breakdown line")
     parser.add_argument("--gpu-memory-gb", type=gpu_memory_gb, default=80.0, metavar="GB",
                         help="--dry-run: memory of one card, in GB or h100 (80) / h200 (141); default 80")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="--dry-run: what-if (not supported by the DP engine yet)")
     args = parser.parse_intermixed_args(argv)
     config = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run(config, gpus=args.gpus, zero=args.zero, activation_checkpointing=args.activation_checkpointing,
-                      gpu_gb=args.gpu_memory_gb))
+        print(dry_run(config, gpus=args.gpus, zero=args.zero, gpu_gb=args.gpu_memory_gb))
         return
     train(config)

@@ -80,7 +80,7 @@ class RunShape:
     offload: bool = False  # ZeRO-3 offload of params and optimizer states to CPU
     gpus: int = 8
     weight_bytes: int = 2  # bf16
-    activation_checkpointing: bool = False  # planning only: the DP recorder does not support it yet
+    activation_checkpointing: bool = False  # TrainConfig.activation_checkpointing (non-reentrant, exact norms)
 
 
 def trainable_params(model: ModelShape, run: RunShape) -> int:
@@ -217,13 +217,13 @@ def shape_for(model: str) -> ModelShape:
     return shape_from_hf_config(AutoConfig.from_pretrained(source))
 
 
-def dry_run(config, gpus: int = 8, zero: int = 3, activation_checkpointing: bool = False, gpu_gb: float = 80.0) -> str:
+def dry_run(config, gpus: int = 8, zero: int = 3, gpu_gb: float = 80.0) -> str:
     """The plan for a TrainConfig on cards of `gpu_gb` (dpnotes train --dry-run)."""
     trainable = config.trainable
     run = RunShape(
         seq=config.max_length, micro_batch=config.privacy.micro_batch_size,
         lora_rank=None if trainable.full_finetune else trainable.lora_rank,
         lora_targets=tuple(trainable.lora_targets), clipping=config.privacy.clipping, zero=zero, gpus=gpus,
-        weight_bytes=2 if config.dtype == "bfloat16" else 4, activation_checkpointing=activation_checkpointing,
+        weight_bytes=2 if config.dtype == "bfloat16" else 4, activation_checkpointing=config.activation_checkpointing,
     )
     return format_plan(config.model, shape_for(config.model), run, gpu_gb)
