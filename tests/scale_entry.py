@@ -15,8 +15,8 @@ kill_after = os.environ.get("DPNOTES_TEST_KILL_AFTER_STEP")
 if kill_after is not None:
     save = recipe.save_checkpoint
 
-    def save_then_maybe_die(accelerator, output_dir, step, config_hash):
-        save(accelerator, output_dir, step, config_hash)
+    def save_then_maybe_die(accelerator, model, output_dir, step, config_hash):
+        save(accelerator, model, output_dir, step, config_hash)
         if step >= int(kill_after):
             accelerator.wait_for_everyone()  # rank 0 has moved the `latest` pointer by now
             sys.stdout.flush()

@@ -84,3 +84,21 @@ def test_saving_the_adapter_copies_only_the_adapter_and_only_on_the_main_process
     adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert len(saved) == len(adapter) == 8 and all("lora_" in key for key in saved)
     assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in adapter.values())
+
+
+def test_deepspeed_checkpoints_keep_no_frozen_weight_tied_ones_included(tmp_path):
+    """exclude_frozen_parameters keeps a frozen weight tied to another (named once by
+    named_parameters): drop_frozen_weights leaves only what training changes."""
+    from peft import LoraConfig, get_peft_model
+
+    from dpnotes.testing.tiny_models import tiny_llama
+    from dpnotes.training.checkpoints import drop_frozen_weights
+
+    model = get_peft_model(tiny_llama(tie=True), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    states = tmp_path / "step" / "pytorch_model" / "mp_rank_00_model_states.pt"
+    states.parent.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "global_steps": 1}, states)
+    drop_frozen_weights(tmp_path / "step", model)
+    kept = torch.load(states, weights_only=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(kept["module"]) == trainable and kept["global_steps"] == 1

@@ -12,7 +12,9 @@ import re
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from torch import nn
 
 from dpnotes.privacy.deepspeed import is_deepspeed
 from dpnotes.runs import RunDir
@@ -65,7 +67,19 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
     accelerator.load_state(str(checkpoint), **(LEAN_DEEPSPEED_LOAD if is_deepspeed(accelerator) else {}))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, config_hash: str) -> None:
+def drop_frozen_weights(folder: Path, model: nn.Module) -> None:
+    """DeepSpeed's exclude_frozen_parameters goes by named_parameters(), which names a tied weight
+    once: a frozen weight tied to another (SmolLM2's lm_head, 113 MB) stays in the module states.
+    Drop every frozen tensor there, so that a checkpoint holds what training changes."""
+    frozen = {name for name, value in model.state_dict(keep_vars=True).items()
+              if isinstance(value, nn.Parameter) and not value.requires_grad}
+    for path in folder.rglob("mp_rank_*_model_states.pt"):
+        states = torch.load(path, map_location="cpu", weights_only=False)  # written by this process just now
+        states["module"] = {name: value for name, value in states["module"].items() if name not in frozen}
+        torch.save(states, path)
+
+
+def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int, config_hash: str) -> None:
     """Write the step's state, owner-only (it holds the secret sampling and noise keys), then move
     the `latest` pointer."""
     name = f"step_{step:06d}"
@@ -79,6 +93,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, confi
         accelerator.save_state(str(folder / name), **(LEAN_DEEPSPEED_SAVE if is_deepspeed(accelerator) else {}))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if is_deepspeed(accelerator):
+                drop_frozen_weights(folder / name, model)
             restrict_to_owner(folder / name)  # in case a library set modes of its own
             (folder / name / RUN_STAMP).write_text(json.dumps({"config_hash": config_hash, "step": step}))
             # The pointer moves only once the state is fully written: a crash mid-save keeps the old one.

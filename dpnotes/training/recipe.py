@@ -41,7 +41,7 @@ def train_loop(run: TrainingRun) -> None:
         )
         more = engine.budget_allows_step()
         if step % config.save_every == 0 or not more:
-            save_checkpoint(accelerator, run.output_dir, step, config.fingerprint())
+            save_checkpoint(accelerator, run.model, run.output_dir, step, config.fingerprint())
         accelerator.print(
             f"step {step}/{config.privacy.steps} ε={stats.epsilon:.4g} "
             f"[not private: loss {stats.loss_sum / max(stats.examples, 1):.3f}, {elapsed:.2f}s]"
