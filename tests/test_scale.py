@@ -126,6 +126,17 @@ def test_two_processes_without_noise_match_one_process(backend, runs):
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{backend}: {name}")
 
 
+@pytest.mark.slow
+def test_zero3_with_activation_checkpointing_matches_one_process_without(runs, tiny_model_dir, tmp_path):
+    """Recomputed forwards under ZeRO-3 (parameters gathered again in backward) record nothing twice."""
+    expected = adapter(runs("exact", "single"))
+    out = tmp_path / "zero3_checkpointed"
+    assert "| activation checkpointing" in launch("zero3", tiny_model_dir, out, [*EXACT, "activation_checkpointing=true"])
+    got = adapter(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def noise_std_ratio(out: Path) -> float:
     """Empirical std of the LoRA B factors over its expected value √steps·σC/B_exp."""
     b_factors = torch.cat([t.flatten() for name, t in adapter(out).items() if "lora_B" in name])

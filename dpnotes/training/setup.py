@@ -152,7 +152,7 @@ def start_tracking(run: TrainingRun) -> None:
         f"{len(run.data)} notes, {engine.num_units} {config.privacy.privacy_unit} units{unit_cap} | q={engine.sample_rate:.4g} "
         f"σ={engine.noise_multiplier:.4g} C={config.privacy.max_grad_norm} expected batch={summary['expected_batch_size']:.1f} "
         f"steps={config.privacy.steps} target ε={config.privacy.target_epsilon} δ={engine.delta:.3g} | "
-        f"trainable {trainable:,}/{total:,}"
+        f"trainable {trainable:,}/{total:,}{' | activation checkpointing' if config.activation_checkpointing else ''}"
     )
     if engine.privacy_label:
         accelerator.print(f"WARNING: privacy.seed is set: {NOT_PRIVATE} (tests and audits only)")
