@@ -100,15 +100,9 @@ def _canary_identifiers(rng: random.Random, count: int) -> list[str]:
     return sorted(canaries)
 
 
-def generate_default_corpus(
-    n_patients: int = 500,
-    notes_per_patient: tuple[int, int] = (1, 3),
-    n_codes: int = len(CODE_BANK),
-    canaries: int = 0,
-    seed: int = 0,
-) -> list[Note]:
-    """The notes of `iter_default_corpus`, as a list."""
-    return list(iter_default_corpus(n_patients, notes_per_patient, n_codes, canaries, seed))
+def generate_default_corpus(*args, **options) -> list[Note]:
+    """The notes of `iter_default_corpus` (same arguments), as a list."""
+    return list(iter_default_corpus(*args, **options))
 
 
 def iter_default_corpus(
