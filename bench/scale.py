@@ -1,7 +1,7 @@
 """Step time of DP vs non-private training under DeepSpeed ZeRO-2/3, measured side by side in one
 launch (same processes, same engine, same micro-batches, alternating steps), printed as ratios.
 
-    python bench/scale.py                       # launches ZeRO-2 and ZeRO-3 on 2 CPU processes, prints the table
+    python bench/scale.py                       # ZeRO-2 and ZeRO-3 on 2 CPU processes, without and with activation checkpointing
     accelerate launch --config_file accelerate_configs/zero3.yaml bench/scale.py --worker --model PATH
 
 A DP step = Poisson-sampled logical batch, per micro-batch a norm pass (unwrapped forward +
@@ -43,7 +43,8 @@ def worker(args) -> None:
         micro_batch_size=args.micro_batch, clipping="ghost", seed=0,
     )
     config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none", learning_rate=1e-4,
-                         trainable=TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"]), privacy=privacy)
+                         trainable=TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"]), privacy=privacy,
+                         activation_checkpointing=args.activation_checkpointing == "on")
     accelerator = make_accelerator(config)
     model, _ = load_model(config, accelerator.device)
     engine = PrivacyEngine(model, privacy, units)
@@ -88,7 +89,8 @@ def worker(args) -> None:
                 times[name].append(time.perf_counter() - start)
     if backend.rank == 0:
         non, dpt = statistics.median(times["nonprivate"]), statistics.median(times["dp"])
-        print(f"RESULT zero{zero_stage(accelerator)} nonprivate {non:.4f} s/step dp {dpt:.4f} s/step ratio {dpt / non:.2f}", flush=True)
+        print(f"RESULT zero{zero_stage(accelerator)} checkpointing {args.activation_checkpointing}: nonprivate {non:.4f} "
+              f"s/step dp {dpt:.4f} s/step ratio {dpt / non:.2f}", flush=True)
 
 
 def tiny_model(folder: Path, hidden: int, layers: int) -> str:
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--activation-checkpointing", default="off,on",
+                        help="off, on or both (off,on): rows without and with activation checkpointing")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -125,7 +129,7 @@ def main() -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
         print(f"model {model} | seq {args.seq} | expected batch {args.batch} | micro-batch {args.micro_batch} | 2 CPU processes")
-        for stage in args.stages.split(","):
+        for stage, checkpointing in [(s, c) for s in args.stages.split(",") for c in args.activation_checkpointing.split(",")]:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
@@ -133,7 +137,7 @@ def main() -> None:
                 str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", CPU_CONFIGS[stage],
                 "--main_process_port", str(port), "bench/scale.py", "--worker", "--model", model,
                 "--seq", str(args.seq), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
-                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--activation-checkpointing", checkpointing,
             ]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("RESULT")]
