@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from dpnotes.config import as_dict, load
+from dpnotes.models import ComputeDtype, resolve_dtype
 from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.privacy.engine import PrivacyConfig
 from dpnotes.training.model_setup import TrainableConfig
@@ -27,7 +28,9 @@ class TrainConfig:
     init_seed: int = 0  # LoRA initialisation and dropout: public randomness, unlike sampling and noise
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    dtype: Literal["float32", "bfloat16"] = "float32"  # norms and noise are computed in fp32 either way
+    # The base model's dtype. auto: bfloat16 for LoRA where matmuls are native bf16 (dpnotes.models), else
+    # float32. Trained weights stay fp32 under auto, and norms, sums and noise are fp32 whatever this says.
+    dtype: ComputeDtype = "auto"
     save_every: int = 25
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD, the update reads the DP gradient directly (tests)
     save_full_model: bool = False  # also write every weight (gathered under ZeRO-3) to output_dir/full_model
@@ -36,6 +39,14 @@ class TrainConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def resolved_dtype(self, native_bf16: bool | None = None) -> Literal["float32", "bfloat16"]:
+        """`dtype` with auto resolved (for hardware with native bf16 or not; None: this machine). Full
+        fine-tuning stays fp32 under auto: its weights are the optimizer's only copy, and bf16 would
+        round small updates away. LoRA adapters are fp32 over a bf16 base (model_setup checks it)."""
+        if self.dtype == "auto" and self.trainable.full_finetune:
+            return "float32"
+        return resolve_dtype(self.dtype, native_bf16)
+
     def prompt_format(self) -> PromptFormat:
         return self.prompt or prompt_format_for(self.corpus)
 
@@ -43,6 +54,7 @@ class TrainConfig:
         """Hash of everything that determines the result (not where it is written)."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "report_to", "save_every", "save_full_model")}
         content["prompt"] = self.prompt_format().to_dict()  # the derived format too: it shapes every example
+        content["dtype"] = self.resolved_dtype()  # auto is bf16 on one machine and fp32 on another
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
