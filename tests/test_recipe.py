@@ -124,3 +124,13 @@ def test_trainable_parameters_below_fp32_are_refused():
 
     with pytest.raises(RuntimeError, match="must be float32"):
         require_fp32_trainable(tiny_llama().to(torch.bfloat16))
+
+
+def test_auto_bf16_under_deepspeed_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    """DeepSpeed back-propagates Σ c_i L_i itself, which over a bf16 base is not the exact clipped sum."""
+    from dpnotes.errors import UserError
+
+    monkeypatch.setattr("dpnotes.models.native_bf16", lambda: True)
+    monkeypatch.setattr("dpnotes.training.setup.is_deepspeed", lambda accelerator: True)
+    with pytest.raises(UserError, match="dtype=auto would give DeepSpeed a bf16 base"):
+        run(tmp_path, tiny_model_dir, "run", "dtype=auto")

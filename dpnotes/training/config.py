@@ -28,8 +28,9 @@ class TrainConfig:
     init_seed: int = 0  # LoRA initialisation and dropout: public randomness, unlike sampling and noise
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    # The base model's dtype. auto: bfloat16 for LoRA where matmuls are native bf16 (dpnotes.models), else
-    # float32. Trained weights stay fp32 under auto, and norms, sums and noise are fp32 whatever this says.
+    # The base model's dtype. auto: bfloat16 for LoRA with bk clipping where matmuls are native bf16
+    # (dpnotes.models), else float32. Trained weights stay fp32 under auto, and norms, sums and noise
+    # are fp32 whatever this says.
     dtype: ComputeDtype = "auto"
     save_every: int = 25
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD, the update reads the DP gradient directly (tests)
@@ -39,13 +40,15 @@ class TrainConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
-    def resolved_dtype(self, native_bf16: bool | None = None) -> Literal["float32", "bfloat16"]:
-        """`dtype` with auto resolved (for hardware with native bf16 or not; None: this machine). Full
-        fine-tuning stays fp32 under auto: its weights are the optimizer's only copy, and bf16 would
-        round small updates away. LoRA adapters are fp32 over a bf16 base (model_setup checks it)."""
-        if self.dtype == "auto" and self.trainable.full_finetune:
+    def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
+        """`dtype` with auto resolved on this machine. auto is bf16 only where training stays exact:
+        - LoRA: full fine-tuning's weights are the optimizer's only copy, and bf16 rounds small updates away
+          (LoRA adapters are fp32 over a bf16 base; model_setup checks it);
+        - bk clipping: ghost's second backward over bf16 layers rounds each unit's clipped gradient
+          (docs/privacy.md). DeepSpeed's backward does the same: setup refuses auto there."""
+        if self.dtype == "auto" and (self.trainable.full_finetune or self.privacy.clipping != "bk"):
             return "float32"
-        return resolve_dtype(self.dtype, native_bf16)
+        return resolve_dtype(self.dtype)
 
     def prompt_format(self) -> PromptFormat:
         return self.prompt or prompt_format_for(self.corpus)

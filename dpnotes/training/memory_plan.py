@@ -202,11 +202,10 @@ def shape_for(model: str) -> ModelShape:
 def dry_run(config, gpus: int = 8, zero: int = 3, activation_checkpointing: bool = False) -> str:
     """The plan for a TrainConfig (dpnotes train --dry-run)."""
     trainable = config.trainable
-    # The plan is per GPU, and the GPUs planned for have bf16: dtype=auto resolves as it will there.
     run = RunShape(
         seq=config.max_length, micro_batch=config.privacy.micro_batch_size,
         lora_rank=None if trainable.full_finetune else trainable.lora_rank,
         lora_targets=tuple(trainable.lora_targets), clipping=config.privacy.clipping, zero=zero, gpus=gpus,
-        weight_bytes=2 if config.resolved_dtype(native_bf16=True) == "bfloat16" else 4, activation_checkpointing=activation_checkpointing,
+        weight_bytes=2 if config.dtype == "bfloat16" else 4, activation_checkpointing=activation_checkpointing,
     )
     return format_plan(config.model, shape_for(config.model), run)

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpnotes.corpus import Note, corpus_fingerprint, load_configured_splits
 from dpnotes.digests import digest
+from dpnotes.errors import UserError
 from dpnotes.models import compute_dtype, load_causal_lm, load_tokenizer, token_cache
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
@@ -116,6 +117,10 @@ def setup(config: TrainConfig) -> TrainingRun:
     num_units = len(examples_of_unit) if examples_of_unit is not None else len(data)
     config.privacy.validated_delta(num_units)  # bad privacy settings fail before the model is loaded
     claim_output_dir(Path(config.output_dir), config, write=accelerator.is_main_process)
+    if config.dtype == "auto" and config.resolved_dtype() == "bfloat16" and is_deepspeed(accelerator):
+        # DeepSpeed back-propagates Σ c_i L_i itself: over bf16 layers that rounds each unit's clipped gradient.
+        raise UserError("dtype=auto would give DeepSpeed a bf16 base, over which its clipped sums are not exact "
+                        "(docs/privacy.md): set dtype=float32")
     model, tokenizer = load_model(config, accelerator.device)
     engine = PrivacyEngine(model, config.privacy, num_units, examples_of_unit)
     backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
