@@ -5,8 +5,14 @@ alias to a folder `from_pretrained` can read; the ``load_*`` helpers wrap the ma
 transformers Auto classes.
 
 SmolLM2 ships only as a Q4_1 GGUF file. It is dequantised once and cached as an ordinary
-float32 HF folder: float32 because training runs on CPU, where bf16 matmuls are slow and
-DP noise/clipping arithmetic wants full precision; the 135M model is ~0.5 GB in float32.
+float32 HF folder (~0.5 GB for the 135M model), so every compute dtype can be loaded from it
+without a second rounding.
+
+``compute_dtype`` chooses the dtype a model is loaded in for compute. "auto" is bfloat16 where
+the hardware multiplies bf16 natively: CUDA GPUs with bf16, and CPUs with AMX or AVX512-BF16
+(there a SmolLM2 forward+backward runs 2-3x faster than in fp32). Elsewhere bf16 is emulated
+and slower than fp32, so "auto" is float32. DP norms, sums and noise are fp32 whatever the
+model's dtype (dpnotes.privacy.clipping).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -39,6 +46,32 @@ _TRUTHY = {"1", "on", "yes", "true"}
 
 class ModelNotAvailableError(UserError, RuntimeError):
     """The requested model cannot be found locally and cannot be fetched."""
+
+
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
+
+
+def native_bf16() -> bool:
+    """Whether the device models run on here (the GPU if there is one, else the CPU) has native
+    bf16 matmuls. torch's CPU probes are private: one that is missing counts as no."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_dtype(name: ComputeDtype, native: bool | None = None) -> Literal["float32", "bfloat16"]:
+    """"auto" as "bfloat16" where matmuls are native bf16 (`native`; None: this machine), else
+    "float32"; an explicit dtype as given."""
+    if name == "auto":
+        return "bfloat16" if (native_bf16() if native is None else native) else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return name
+
+
+def compute_dtype(name: ComputeDtype) -> torch.dtype:
+    """The torch dtype to load a model in for compute on this machine."""
+    return getattr(torch, resolve_dtype(name))
 
 
 def model_cache_dir(alias: str) -> Path:

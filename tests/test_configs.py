@@ -175,3 +175,16 @@ def test_launch_files_set_the_current_nccl_variables():
     bare = re.compile(r"(?<!TORCH_)NCCL_ASYNC_ERROR_HANDLING")
     files = [p for pattern in ("docs/*", "accelerate_configs/*", "ds_configs/*", "Makefile") for p in ROOT.glob(pattern)]
     assert [p.name for p in files if p.is_file() and bare.search(p.read_text())] == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_train_dtype_auto_resolves_on_this_machine_and_stays_fp32_where_bf16_is_not_exact(monkeypatch, native):
+    monkeypatch.setattr("dpnotes.models.native_bf16", lambda: native)
+    demo = ROOT / "train/configs/demo_smollm2.yaml"
+    config = load_config(demo)
+    assert config.dtype == "auto" and config.resolved_dtype() == ("bfloat16" if native else "float32")
+    # auto is the same run as the dtype it resolves to: a checkpoint of one resumes the other
+    assert config.fingerprint() == load_config(demo, [f"dtype={config.resolved_dtype()}"]).fingerprint()
+    for exact_in_fp32_only in ("trainable.full_finetune=true", "privacy.clipping=ghost"):
+        assert load_config(demo, [exact_in_fp32_only]).resolved_dtype() == "float32"
+        assert load_config(demo, [exact_in_fp32_only, "dtype=bfloat16"]).resolved_dtype() == "bfloat16"

@@ -155,3 +155,36 @@ def test_minilm_gives_384_dim_sentence_embeddings():
     assert embeddings.shape == (3, 384)
     similarity = embeddings @ embeddings.T
     assert similarity[0, 1] > similarity[0, 2] + 0.2
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, native", [(True, False, True), (False, True, True), (False, False, False)])
+def test_native_bf16_on_a_cpu_is_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert models.native_bf16() is native
+
+
+def test_a_cpu_probe_missing_from_torch_counts_as_no_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert models.native_bf16() is False
+
+
+@pytest.mark.parametrize("gpu_bf16", [True, False])
+def test_native_bf16_with_a_gpu_is_the_gpus(monkeypatch, gpu_bf16):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: gpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # the host CPU does not decide
+    assert models.native_bf16() is gpu_bf16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_probe_and_explicit_dtypes_stay(monkeypatch, native):
+    monkeypatch.setattr(models, "native_bf16", lambda: native)
+    assert models.compute_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    assert models.compute_dtype("float32") == torch.float32
+    assert models.compute_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        models.compute_dtype("float16")

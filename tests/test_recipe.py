@@ -156,3 +156,30 @@ def test_lora_on_the_top_layers_only_adapts_those_layers_and_stays_exact():
     assert_clipper_matches_oracle(model, causal_lm_losses, prompt_masked_batch(), "ghost")
     with pytest.raises(ValueError, match="lora_top_layers must be in"):
         prepare_trainable(tiny_llama(layers=3), TrainableConfig(lora_top_layers=4))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_printed_and_recorded_and_the_adapters_stay_fp32(tmp_path, tiny_model_dir, monkeypatch, capsys, native):
+    monkeypatch.setattr("dpnotes.models.native_bf16", lambda: native)
+    report, out = run(tmp_path, tiny_model_dir, "run", "dtype=auto")
+    dtype = "bfloat16" if native else "float32"
+    assert report["dtype"] == dtype and f"| {dtype} base" in capsys.readouterr().out
+    assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_trainable_parameters_below_fp32_are_refused():
+    from dpnotes.testing.tiny_models import tiny_llama
+    from dpnotes.training.model_setup import require_fp32_trainable
+
+    with pytest.raises(RuntimeError, match="must be float32"):
+        require_fp32_trainable(tiny_llama().to(torch.bfloat16))
+
+
+def test_auto_is_fp32_under_deepspeed(monkeypatch):
+    """DeepSpeed back-propagates Σ c_i L_i itself, which over a bf16 base is not the exact clipped sum;
+    accelerate's launcher says DeepSpeed in the environment before any setup."""
+    monkeypatch.setattr("dpnotes.models.native_bf16", lambda: True)
+    assert load_config(CONFIG, ["dtype=auto"]).resolved_dtype() == "bfloat16"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert load_config(CONFIG, ["dtype=auto"]).resolved_dtype() == "float32"
+    assert load_config(CONFIG, ["dtype=bfloat16"]).resolved_dtype() == "bfloat16"

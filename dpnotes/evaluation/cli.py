@@ -31,7 +31,7 @@ from dpnotes.evaluation import leakage
 from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, compare_train_sets
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings, dp_epsilon_sweep
 from dpnotes.evaluation.fidelity import embed_texts, fidelity_report
-from dpnotes.models import load_causal_lm
+from dpnotes.models import ComputeDtype, compute_dtype, load_causal_lm
 from dpnotes.prompting import prompt_format_from
 
 
@@ -94,6 +94,7 @@ class PrivacyEvalConfig:
     nonmembers: str | None = None  # held-out notes
     mia_notes: int = 500  # members and as many non-members
     max_length: int = 512
+    dtype: ComputeDtype = "auto"  # of the scored model (dpnotes.models.compute_dtype); float32 for an exact re-check
     prompt: bool = True  # score the notes after the model's training prompt (false: bare text)
     synthetic: str | None = None  # synthetic notes (verbatim leakage)
     train_notes: str | None = None  # the generator's training notes (verbatim leakage)
@@ -301,7 +302,7 @@ def cmd_privacy(config: PrivacyEvalConfig) -> dict:
     if needs_model:
         if not config.model:
             raise CLIError("model (a causal LM alias or folder) is needed for exposure and membership inference")
-        model, tokenizer = load_causal_lm(config.model)
+        model, tokenizer = load_causal_lm(config.model, dtype=compute_dtype(config.dtype))
         prompt_of = None if not config.prompt else _training_prompt(config.model, tokenizer)
     if config.canaries_from:
         notes = load_notes(config.canaries_from, None, "canary notes")

@@ -6,12 +6,12 @@ import json
 import random
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpnotes.corpus import Note, canary_secrets
 from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets, evaluate_coder
 from dpnotes.evaluation.fidelity import fidelity_report
 from dpnotes.evaluation.leakage import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
+from dpnotes.models import compute_dtype, load_causal_lm
 from dpnotes.prompting import prompt_format_from
 from dpnotes.runs import PRIVACY_REPORT, RunDir, load_synthetic
 from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, format_epsilon
@@ -29,8 +29,9 @@ def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> di
     coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap)
 
     merged = run.merged
-    model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    tokenizer = AutoTokenizer.from_pretrained(merged)
+    # Scoring in the dtype training computes in: bf16 moves exposures and MIA losses by rounding only.
+    model, tokenizer = load_causal_lm(str(merged), dtype=compute_dtype("auto"))
+    model.eval()
     prompt = prompt_format_from(json.loads((merged / PRIVACY_REPORT).read_text()), str(merged))
 
     def prompt_of(codes):

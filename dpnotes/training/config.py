@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from dpnotes.config import as_dict, load
+from dpnotes.models import ComputeDtype, resolve_dtype
 from dpnotes.prompting import PromptFormat, prompt_format_for
 from dpnotes.privacy.engine import PrivacyConfig
 from dpnotes.training.model_setup import TrainableConfig
@@ -31,7 +33,10 @@ class TrainConfig:
     init_seed: int = 0  # LoRA initialisation and dropout: public randomness, unlike sampling and noise
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    dtype: Literal["float32", "bfloat16"] = "float32"  # norms and noise are computed in fp32 either way
+    # The base model's dtype. auto: bfloat16 for LoRA with bk clipping where matmuls are native bf16
+    # (dpnotes.models), else float32. Trained weights stay fp32 under auto, and norms, sums and noise
+    # are fp32 whatever this says.
+    dtype: ComputeDtype = "auto"
     # transformers' non-reentrant activation checkpointing: recomputes each layer's forward in backward
     # instead of keeping its activations (bench/activation_checkpointing.py); norms stay exact
     activation_checkpointing: bool = False
@@ -46,6 +51,18 @@ class TrainConfig:
     def patient_token_cap(self) -> int:
         return self.max_tokens_per_patient if self.max_tokens_per_patient is not None else 4 * self.max_length
 
+    def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
+        """`dtype` with auto resolved on this machine. auto is bf16 only where training stays exact:
+        - LoRA: full fine-tuning's weights are the optimizer's only copy, and bf16 rounds small updates away
+          (LoRA adapters are fp32 over a bf16 base; model_setup checks it);
+        - bk clipping, outside DeepSpeed: ghost's second backward over bf16 layers rounds each unit's
+          clipped gradient (docs/privacy.md), and DeepSpeed's backward of Σ c_i L_i does the same.
+        `accelerate launch` with a DeepSpeed config says so in the environment, before any setup."""
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if self.dtype == "auto" and (self.trainable.full_finetune or self.privacy.clipping != "bk" or deepspeed):
+            return "float32"
+        return resolve_dtype(self.dtype)
+
     def prompt_format(self) -> PromptFormat:
         return self.prompt or prompt_format_for(self.corpus)
 
@@ -53,6 +70,7 @@ class TrainConfig:
         """Hash of everything that determines the result (not where it is written)."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "report_to", "save_every", "save_full_model")}
         content["prompt"] = self.prompt_format().to_dict()  # the derived format too: it shapes every example
+        content["dtype"] = self.resolved_dtype()  # auto is bf16 on one machine and fp32 on another
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

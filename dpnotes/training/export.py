@@ -27,6 +27,7 @@ def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) 
         "target_epsilon": config.privacy.target_epsilon,
         "corpus": config.corpus,
         "model": config.model,
+        "dtype": config.resolved_dtype(),  # of the base model; the trained weights are fp32 under auto
         "prompt_format": config.prompt_format().to_dict(),  # generation and evaluation prompt the same way
         "config_hash": config.fingerprint(),
         "world_size": world_size,

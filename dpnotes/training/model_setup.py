@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
@@ -60,7 +61,17 @@ def prepare_trainable(model: PreTrainedModel, config: TrainableConfig) -> nn.Mod
         target_modules=config.lora_targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    return require_fp32_trainable(get_peft_model(model, lora))
+
+
+def require_fp32_trainable(model: nn.Module) -> nn.Module:
+    """LoRA adapters are the optimizer's only copy of what is trained: in bf16, Adam's small updates
+    would round away. peft keeps them fp32 over a bf16 base (autocast_adapter_dtype); this fails
+    loudly should a version stop doing so."""
+    low = [name for name, param in model.named_parameters() if param.requires_grad and param.dtype != torch.float32]
+    if low:
+        raise RuntimeError(f"trainable parameters must be float32, these are not: {', '.join(low[:5])}")
+    return model
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from dpnotes.caches import corpus_cache, token_cache
 from dpnotes.corpus import corpus_fingerprint, load_split_tables
 from dpnotes.digests import digest
-from dpnotes.models import load_causal_lm, load_tokenizer
+from dpnotes.models import compute_dtype, load_causal_lm, load_tokenizer
 from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
@@ -74,9 +74,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 
 def load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The model with its trainable part (LoRA adapters, or everything) set up, in train mode."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
     torch.manual_seed(config.init_seed)
-    model, tokenizer = load_causal_lm(config.model, dtype=dtype)
+    model, tokenizer = load_causal_lm(config.model, dtype=compute_dtype(config.resolved_dtype()))
     model = prepare_trainable(model, config.trainable).to(device)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -144,7 +143,8 @@ def start_tracking(run: TrainingRun) -> None:
     config, engine, accelerator = run.config, run.engine, run.accelerator
     summary = {**engine.summary(), "examples": len(run.data), "world_size": accelerator.num_processes}
     trainable, total = count_trainable(run.model)
-    summary.update(trainable_parameters=trainable, total_parameters=total, config_hash=config.fingerprint())
+    summary.update(trainable_parameters=trainable, total_parameters=total, config_hash=config.fingerprint(),
+                   dtype=config.resolved_dtype())
     accelerator.init_trackers("dpnotes", config=config_dict(config) | {"derived": summary})
     unit_cap = f" (≤ {config.patient_token_cap()} tokens each)" if config.privacy.privacy_unit == "patient" else ""
     accelerator.print(
@@ -152,7 +152,8 @@ def start_tracking(run: TrainingRun) -> None:
         f"{len(run.data)} notes, {engine.num_units} {config.privacy.privacy_unit} units{unit_cap} | q={engine.sample_rate:.4g} "
         f"σ={engine.noise_multiplier:.4g} C={config.privacy.max_grad_norm} expected batch={summary['expected_batch_size']:.1f} "
         f"steps={config.privacy.steps} target ε={config.privacy.target_epsilon} δ={engine.delta:.3g} | "
-        f"trainable {trainable:,}/{total:,}{' | activation checkpointing' if config.activation_checkpointing else ''}"
+        f"trainable {trainable:,}/{total:,} | {summary['dtype']} base"
+        f"{' | activation checkpointing' if config.activation_checkpointing else ''}"
     )
     if engine.privacy_label:
         accelerator.print(f"WARNING: privacy.seed is set: {NOT_PRIVATE} (tests and audits only)")
