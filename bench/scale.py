@@ -1,13 +1,16 @@
 """Step time of DP vs non-private training under DeepSpeed ZeRO-2/3, measured side by side in one
 launch (same processes, same engine, same micro-batches, alternating steps), printed as ratios.
 
-    python bench/scale.py                       # ZeRO-2 and ZeRO-3 on 2 CPU processes, without and with activation checkpointing
+    python bench/scale.py                       # ZeRO-2 and ZeRO-3 on 2 CPU processes, book-keeping, without and with activation checkpointing
+    python bench/scale.py --clipping bk,ghost   # also the two-forward ghost path
     accelerate launch --config_file accelerate_configs/zero3.yaml bench/scale.py --worker --model PATH
 
-A DP step = Poisson-sampled logical batch, per micro-batch a norm pass (unwrapped forward +
-autograd.grad to the layer outputs) and one engine forward/backward of Σ c_i L_i, padded to the
-ranks' max micro-batch count, then the noisy engine.step(). A non-private step = the same
-micro-batches, one engine forward/backward of the mean loss each, engine.step() without noise.
+A DP step = Poisson-sampled logical batch padded to the ranks' max micro-batch count; per
+micro-batch with book-keeping ONE forward (autograd.grad to the layer outputs gives norms and
+clipped sums) and one engine backward of the surrogate Σ_p <p, S_p>; with ghost a norm pass
+(forward + autograd.grad) then the engine forward/backward of Σ c_i L_i; then the noisy
+engine.step(). A non-private step = the same micro-batches, one engine forward/backward of the
+mean loss each, engine.step() without noise.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def worker(args) -> None:
     units = 512
     privacy = PrivacyConfig(
         target_epsilon=float("inf"), noise_multiplier=1.0, expected_batch_size=args.batch, steps=10**6,
-        micro_batch_size=args.micro_batch, clipping="ghost", seed=0,
+        micro_batch_size=args.micro_batch, clipping=args.clipping, seed=0,
     )
     config = TrainConfig(model=args.model, output_dir=tempfile.mkdtemp(), report_to="none", learning_rate=1e-4,
                          trainable=TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"]), privacy=privacy,
@@ -89,7 +92,7 @@ def worker(args) -> None:
                 times[name].append(time.perf_counter() - start)
     if backend.rank == 0:
         non, dpt = statistics.median(times["nonprivate"]), statistics.median(times["dp"])
-        print(f"RESULT zero{zero_stage(accelerator)} checkpointing {args.activation_checkpointing}: nonprivate {non:.4f} "
+        print(f"RESULT zero{zero_stage(accelerator)} {args.clipping} checkpointing {args.activation_checkpointing}: nonprivate {non:.4f} "
               f"s/step dp {dpt:.4f} s/step ratio {dpt / non:.2f}", flush=True)
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clipping", default="bk", help="bk, ghost or both (bk,ghost)")
     parser.add_argument("--activation-checkpointing", default="off,on",
                         help="off, on or both (off,on): rows without and with activation checkpointing")
     args = parser.parse_args()
@@ -129,7 +133,9 @@ def main() -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
         print(f"model {model} | seq {args.seq} | expected batch {args.batch} | micro-batch {args.micro_batch} | 2 CPU processes")
-        for stage, checkpointing in [(s, c) for s in args.stages.split(",") for c in args.activation_checkpointing.split(",")]:
+        rows = [(s, k, c) for s in args.stages.split(",") for k in args.clipping.split(",")
+                for c in args.activation_checkpointing.split(",")]
+        for stage, clipping, checkpointing in rows:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
@@ -138,6 +144,7 @@ def main() -> None:
                 "--main_process_port", str(port), "bench/scale.py", "--worker", "--model", model,
                 "--seq", str(args.seq), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--activation-checkpointing", checkpointing,
+                "--clipping", clipping,
             ]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("RESULT")]

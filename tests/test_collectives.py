@@ -79,7 +79,7 @@ def test_the_key_broadcast_runs_on_the_backend_device(fake_nccl):
 
 def test_the_micro_batch_count_agreement_runs_on_the_backend_device(fake_nccl):
     with pytest.raises(Reached):
-        DeepSpeedBackend(None, None, None, rank=0, world_size=2).micro_batch_count(3)
+        DeepSpeedBackend(None, None, None, rank=0, world_size=2, stage=2).micro_batch_count(3)
 
 
 def test_the_clipped_sums_are_reduced_on_the_backend_device(fake_nccl):

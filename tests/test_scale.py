@@ -3,7 +3,8 @@ under DeepSpeed ZeRO-1/2/3, with the DP guarantee intact. On a tiny LLaMA + LoRA
 
 (a) every rank reports its true rank (checked on every launch);
 (b) without noise, 1 process == 2-process DDP-style == ZeRO-1/2/3 after 3 AdamW steps, with every
-    example clipped (C = 0.01): |Δ| <= 1e-6 + 1e-5·|ref| (measured ~2.5e-8 on ~0.2);
+    example clipped (C = 0.01): |Δ| <= 1e-6 + 1e-5·|ref| (measured ~2.5e-8 on ~0.2); under ZeRO-2/3
+    with book-keeping (one forward, the default) and with ghost clipping (two forwards);
 (c) with σ = 100 and SGD(lr=1), the LoRA B factors start at 0, so after 2 steps they hold
     -(Σ clipped + noise)/B_exp twice: their empirical std must be √2·σC/B_exp (not √ranks times it);
 (d) killed after step 1 (hard exit, no cleanup) then relaunched == uninterrupted, bit for bit,
@@ -132,6 +133,19 @@ def test_zero3_with_activation_checkpointing_matches_one_process_without(runs, t
     expected = adapter(runs("exact", "single"))
     out = tmp_path / "zero3_checkpointed"
     assert "| activation checkpointing" in launch("zero3", tiny_model_dir, out, [*EXACT, "activation_checkpointing=true"])
+    got = adapter(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_ghost_clipping_under_zero_matches_one_process(stage, runs, tiny_model_dir, tmp_path):
+    """The two-forward path (norm pass, then the engine's forward/backward of Σ c_i L_i) gives the
+    single process's update too; the default book-keeping path runs one forward."""
+    expected = adapter(runs("exact", "single"))
+    out = tmp_path / f"{stage}_ghost"
+    launch(stage, tiny_model_dir, out, [*EXACT, "privacy.clipping=ghost"])
     got = adapter(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -75,7 +75,7 @@ def test_saving_the_adapter_copies_only_the_adapter_and_only_on_the_main_process
 
     pytest.importorskip("deepspeed")
     model = prepare_trainable(tiny_causal_lm("llama"), TrainableConfig(lora_rank=4, lora_targets=["q_proj", "v_proj"]))
-    backend = DeepSpeedBackend(None, model, None, rank=0, world_size=2)
+    backend = DeepSpeedBackend(None, model, None, rank=0, world_size=2, stage=2)
     assert backend.trainable_state(keep=False) == {}
     backend.save_weights(_Rank(main=False), tmp_path / "other")
     assert not (tmp_path / "other").exists()

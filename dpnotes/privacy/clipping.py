@@ -274,7 +274,8 @@ class PerExampleClipper:
     def _add_to_sum(self, k: int, grad: torch.Tensor) -> None:
         if self.clipped_sums[k] is None:
             param = self.parameters[k]
-            self.clipped_sums[k] = torch.zeros(param.shape, device=param.device,
+            # ds_shape: ZeRO-3 partitions a parameter outside its module's hooks (shape (0,) there).
+            self.clipped_sums[k] = torch.zeros(getattr(param, "ds_shape", param.shape), device=param.device,
                                                dtype=torch.promote_types(param.dtype, torch.float32))
         self.clipped_sums[k].add_(grad)
 
@@ -327,27 +328,29 @@ class PerExampleClipper:
             layer.saved.clear()
             layer.outputs.clear()
 
-    def backward(self, losses: torch.Tensor, group_index: torch.Tensor | None = None) -> ClipResult:
+    def backward(self, losses: torch.Tensor, group_index: torch.Tensor | None = None, verify: bool = True) -> ClipResult:
         """Clip and add Σ_units c_u · grad_u to the clipped sums for the forward recorded last.
 
         `losses`: (B,) per-example losses. `group_index`: (B,) privacy unit of each example in
         0..U-1 (None: each example is its own unit). Returns per-unit norms and coefficients.
+        `verify=False` skips the first batch's check against autograd, which back-propagates into
+        the parameters themselves (ZeRO-3 partitions them: see _verify_against_autograd).
         """
-        return self._clip(losses, group_index, accumulate=True)
+        return self._clip(losses, group_index, accumulate=True, verify=verify)
 
     def coefficients(self, losses: torch.Tensor, group_index: torch.Tensor | None = None) -> ClipResult:
         """Norm pass only, for the forward recorded last: per-unit norms and clip coefficients from
         `torch.autograd.grad` w.r.t. the recorded layer outputs. No parameter `.grad` is touched:
         an engine that owns the backward (DeepSpeed) then back-propagates Σ c_i L_i itself."""
-        return self._clip(losses, group_index, accumulate=False)
+        return self._clip(losses, group_index, accumulate=False, verify=False)
 
-    def _clip(self, losses: torch.Tensor, group_index: torch.Tensor | None, accumulate: bool) -> ClipResult:
+    def _clip(self, losses: torch.Tensor, group_index: torch.Tensor | None, accumulate: bool, verify: bool) -> ClipResult:
         try:
             if losses.shape[0] == 0:
                 empty = losses.new_zeros(0, dtype=torch.float32)
                 return ClipResult(empty, empty)
             ghost = accumulate and self.mode == "ghost"
-            verify = accumulate and not self.verified
+            verify = verify and not self.verified
             per_layer, norms, unit_coef, example_coef, layer_sq = self._norms(
                 losses, group_index, retain_graph=ghost or verify
             )
@@ -424,8 +427,9 @@ class PerExampleClipper:
         """Once per clipper, on the first batch: the largest unit's gradient, computed by autograd
         for real, must have the norm the rules give, layer by layer. This checks the rules on the
         model actually trained (hooks that rescale outputs, patched code, anything the binding and
-        the audit cannot see), at the cost of one backward. Not on the ZeRO path (coefficients()):
-        a backward into ZeRO-partitioned parameters would run DeepSpeed's reduction hooks."""
+        the audit cannot see), at the cost of one backward. Not under ZeRO-3 nor ghost clipping under
+        ZeRO (coefficients()): ZeRO-3 parameters are partitioned outside their module's hooks, and a
+        backward into them there fails; ZeRO-1/2 keep them whole and verify."""
         unit = int(norms.argmax())
         members = slice(unit, unit + 1) if group_index is None else group_index == unit
         grads = torch.autograd.grad(losses[members].sum(), self.parameters, retain_graph=True, allow_unused=True)

@@ -9,16 +9,18 @@ One logical step, on every rank:
    MAX) and pad with zero-weight micro-batches: DeepSpeed's collectives (ZeRO-2 gradient
    reduction, ZeRO-3 parameter gathers) need the same number of forwards/backwards everywhere,
    and truncating a sampled batch would break the privacy analysis.
-2. Per micro-batch, a norm pass: a forward through the *unwrapped* module recorded by the
-   clipper, then `torch.autograd.grad` w.r.t. the recorded layer outputs only (no parameter
-   `.grad`, no engine backward) gives the per-unit clip coefficients c_i; the RNG is rewound so
-   the engine forward of step 3 draws the same dropout masks. The engine forward's graph cannot
-   be reused for the norm pass: DeepSpeed 0.19 hooks it, and any backward through it runs the
-   reduction epilogue (measured: ZeRO-2 IndexError in reduce_ipg_grads). The norm rules read
+2. Per micro-batch, ONE forward recorded by the clipper and `torch.autograd.grad` w.r.t. the
+   recorded layer outputs only (no parameter `.grad`): the rules give per-unit norms, clip
+   coefficients c_i and, with book-keeping (`clipping: bk`, the default), the micro-batch's clipped
+   sums S_p = Σ_i c_i g_{i,p} from the same activations and backprops. The norm rules read
    activations and backprops only, so they are ZeRO-3-safe.
-3. ONE `engine.backward` of  (W / B_exp) · Σ_i c_i L_i  (never a second backward through the
-   engine). DeepSpeed averages over the W ranks (and we pass scale_wrt_gas=False),
-   so the reduced gradient is Σ_i c_i g_i / B_exp with B_exp = q·N, the global expected batch.
+3. ONE `engine.backward` per micro-batch (never a second backward through the engine):
+   - bk: of the surrogate (W / B_exp) · Σ_p <p, S_p>, whose gradient is exactly the clipped sum;
+   - ghost: of (W / B_exp) · Σ_i c_i L_i after an engine forward (the norm pass ran through the
+     unwrapped module, the RNG rewound so that both forwards draw the same dropout masks): two
+     forwards, no per-parameter sums held; the choice for full fine-tuning of large models.
+   DeepSpeed averages over the W ranks (and we pass scale_wrt_gas=False), so the reduced gradient
+   is Σ_i c_i g_i / B_exp with B_exp = q·N, the global expected batch.
 4. `engine.step()`: the base optimizer DeepSpeed drives is a `ZeroNoiseOptimizer`, which adds
    N(0, (σC/B_exp)²) to the gradient of every parameter it is asked to step, from the secret noise
    key's stream of (step, rank), then delegates to the wrapped torch optimizer. Under ZeRO-1/2/3
@@ -150,8 +152,10 @@ def require_fp32_sums(ds_config: dict) -> None:
 class DeepSpeedBackend:
     """Clip and noise of PrivacyEngine.step through a DeepSpeed engine (ZeRO-1/2/3)."""
 
-    def __init__(self, ds_engine, module: nn.Module, optimizer: ZeroNoiseOptimizer, rank: int, world_size: int):
+    def __init__(self, ds_engine, module: nn.Module, optimizer: ZeroNoiseOptimizer, rank: int, world_size: int,
+                 stage: int):
         self.ds_engine = ds_engine
+        self.stage = stage
         self.module = module  # the unwrapped model, for the norm pass
         self.optimizer = optimizer
         self.rank = rank
@@ -191,15 +195,45 @@ class DeepSpeedBackend:
             f"DeepSpeed ZeRO-{stage}: {partitioned}/{len(trainable)} trainable tensors partitioned; DP noise added "
             "once per coordinate on each rank's fp32 partition"
         )
-        return cls(ds_model, model, noisy, accelerator.process_index, accelerator.num_processes)
+        return cls(ds_model, model, noisy, accelerator.process_index, accelerator.num_processes, stage)
 
     def micro_batch_count(self, local: int) -> int:
         # At least one (zero-weight) pass even for an empty logical batch: the noise step still runs.
         return max(all_reduce_max(local), 1)
 
     def clip(self, engine: PrivacyEngine, loss_fn: LossFn, micro: MicroBatch) -> tuple[torch.Tensor, ClipResult]:
+        self.ds_engine.set_gradient_accumulation_boundary(micro.last)
+        if engine.clipper.mode == "bk":
+            return self._clip_bookkeeping(engine, loss_fn, micro)
+        return self._clip_ghost(engine, loss_fn, micro)
+
+    def _clip_bookkeeping(self, engine: PrivacyEngine, loss_fn: LossFn, micro: MicroBatch):
+        """One forward: the clipper's book-keeping gives this micro-batch's clipped sums S_p from the
+        activations and backprops it recorded (autograd.grad to the layer outputs, no parameter
+        `.grad`); the engine then back-propagates the surrogate Σ_p <p, S_p>, whose gradient is
+        exactly S_p, so DeepSpeed reduces, partitions and accumulates the clipped sums itself.
+
+        ZeRO-3 runs that forward through the engine: its forward advances DeepSpeed's micro-step
+        count (without it every micro-batch's gradient would overwrite the last one's). ZeRO-1/2
+        run it through the unwrapped module: there a backward through the engine forward's graph,
+        even autograd.grad to the layer outputs, runs the reduction epilogue (IndexError in
+        reduce_ipg_grads), and their accumulation does not depend on the engine forward."""
+        clipper = engine.clipper
+        clipper.reset_sums()
+        with clipper.recording(micro.size):
+            losses = loss_fn(self.ds_engine if self.stage == 3 else self.module, micro.batch)
+        result = clipper.backward(losses, micro.group_index, verify=self.stage != 3)
+        scale = 0.0 if micro.padding else self._reduction_scale(engine)
+        params = clipper.parameters
+        with self._whole(params):
+            surrogate = sum((p * s.mul_(scale).to(p.dtype)).sum() for p, s in zip(params, clipper.summed()))
+            self.ds_engine.backward(surrogate, scale_wrt_gas=False)
+        clipper.reset_sums()
+        return losses.detach(), result
+
+    def _clip_ghost(self, engine: PrivacyEngine, loss_fn: LossFn, micro: MicroBatch):
+        """Ghost clipping: a norm pass, then the engine's own forward/backward of Σ c_i L_i."""
         ds = self.ds_engine
-        ds.set_gradient_accumulation_boundary(micro.last)
         # The norm pass is its own forward through the unwrapped module: DeepSpeed 0.19 hooks
         # the engine forward's graph, and any backward through it (even autograd.grad to the
         # layer outputs) runs its reduction epilogue (ZeRO-2: IndexError in reduce_ipg_grads).
@@ -213,11 +247,23 @@ class DeepSpeedBackend:
         coef = result.coefficients if group_index is None else result.coefficients[group_index.to(result.coefficients.device)]
         if micro.padding:
             coef = torch.zeros_like(coef)
-        # DeepSpeed averages over the W ranks: (W / B_exp) · Σ c_i L_i reduces to Σ c_i g_i / B_exp.
-        scale = self.world_size / engine.expected_batch_size
-        weighted = (losses * coef.to(device=losses.device, dtype=losses.dtype)).sum() * scale
+        weighted = (losses * coef.to(device=losses.device, dtype=losses.dtype)).sum() * self._reduction_scale(engine)
         ds.backward(weighted, scale_wrt_gas=False)
         return losses.detach(), result
+
+    def _reduction_scale(self, engine: PrivacyEngine) -> float:
+        # DeepSpeed averages over the W ranks: W / B_exp times Σ_i c_i g_i reduces to Σ c_i g_i / B_exp.
+        return self.world_size / engine.expected_batch_size
+
+    def _whole(self, params):
+        """ZeRO-3 partitions a parameter outside its module's forward/backward (shape (0,)); the
+        surrogate needs it whole. Trainable LoRA factors are small; under full fine-tuning this
+        gathers every trainable tensor at once (use ghost clipping, which does not)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import GatheredParameters
+
+        return GatheredParameters(params)
 
     def noise_and_step(self, engine: PrivacyEngine) -> None:
         # Each rank noises its own partition from its own stream of this step, with the std of the
