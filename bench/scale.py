@@ -35,7 +35,7 @@ def worker(args) -> None:
     from dpnotes.privacy.deepspeed import DeepSpeedBackend, zero_stage
     from dpnotes.privacy.engine import PrivacyConfig, PrivacyEngine
     from dpnotes.privacy.losses import causal_lm_losses
-    from dpnotes.privacy.randomness import stream
+    from dpnotes.privacy.randomness import NormalDraws
     from dpnotes.training.config import TrainConfig
     from dpnotes.training.model_setup import TrainableConfig
     from dpnotes.training.setup import load_model, make_accelerator, make_backend, make_optimizer
@@ -71,7 +71,7 @@ def worker(args) -> None:
             ds_model.set_gradient_accumulation_boundary(k == count - 1)
             losses = causal_lm_losses(ds_model, fetch(indices))
             ds_model.backward(losses.mean() * (0.0 if k >= len(local) else 1.0), scale_wrt_gas=False)
-        backend.optimizer.arm(0.0, stream(0, 0))  # σ = 0: nothing is drawn
+        backend.optimizer.arm(0.0, NormalDraws(0, 0))  # σ = 0: nothing is drawn
         ds_model.step()
         backend.optimizer.disarm()
 

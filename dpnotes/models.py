@@ -51,6 +51,21 @@ class ModelNotAvailableError(UserError, RuntimeError):
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 
 
+def use_tf32() -> None:
+    """TF32 for fp32 matmuls on GPUs (10-bit mantissa products, fp32 sums: several times faster
+    on Ampere and later). The DP clipping maths turns it off for itself (exact_fp32_matmuls)."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
+def compute_device() -> torch.device:
+    """Where evaluation models run: the GPU when there is one (TF32 on), else the CPU."""
+    if torch.cuda.is_available():
+        use_tf32()
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def native_bf16() -> bool:
     """Whether the device models run on here (the GPU if there is one, else the CPU) has native
     bf16 matmuls. torch's CPU probes are private: one that is missing counts as no."""

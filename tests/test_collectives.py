@@ -88,3 +88,23 @@ def test_the_clipped_sums_are_reduced_on_the_backend_device(fake_nccl):
     with pytest.raises(Reached):
         ReplicatedBackend(torch.nn.Linear(2, 2), rank=0, world_size=2).noise_and_step(engine)
 
+
+
+def test_clipped_sums_are_reduced_in_a_few_bucketed_calls(monkeypatch):
+    """Hundreds of small tensors: one all-reduce per bucket of one dtype, not one per tensor; every
+    tensor gets its own sum back in place (the fake reduction doubles: two ranks holding the same)."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(collectives, "collective_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(collectives, "BUCKET_BYTES", 4 * 1000)
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: calls.append(tensor.numel()) or tensor.mul_(2))
+    small = [torch.randn(3, 5) for _ in range(300)]  # 60 B each: 67 to a 4,000-byte bucket
+    other = [torch.randn(4, dtype=torch.float64)]
+    big = [torch.randn(2000)]  # over a bucket: reduced alone, in place
+    tensors = small[:150] + other + big + small[150:]
+    expected = [2 * t for t in tensors]
+    collectives.all_reduce_sum_(tensors)
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+    # 150 small ones before the large one and 150 after: 3 buckets each; fp64 and the large one alone
+    assert len(calls) == 3 + 1 + 1 + 3 and sum(calls) == sum(t.numel() for t in tensors)

@@ -171,3 +171,24 @@ def test_bf16_sums_and_noise_are_fp32_and_cast_once(mode, sigma):
     expected = ((total + noise) / 64).to(torch.bfloat16)
     assert model.weight.grad.dtype == torch.bfloat16
     torch.testing.assert_close(model.weight.grad, expected, rtol=0, atol=0)
+
+
+def test_clipping_maths_runs_with_full_fp32_products_whatever_the_model_uses():
+    """TF32 on for the model (GPUs) must not reach the norms and clipped sums: the clipper sets the
+    highest fp32 matmul precision while it clips and restores the caller's afterwards."""
+    from dpnotes.privacy.clipping import PerExampleClipper
+
+    seen = []
+    model = nn.Sequential(nn.Linear(4, 3))
+    model[0].register_full_backward_hook(lambda *args: seen.append(torch.get_float32_matmul_precision()))
+    clipper = PerExampleClipper(model, max_grad_norm=1.0)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with clipper.recording(5):
+            losses = model(torch.randn(5, 4)).square().sum(1)
+        clipper.backward(losses)
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -59,3 +59,30 @@ def test_resume_restores_the_keys_not_new_ones():
     assert torch.equal(resumed.sampler.sample(4), first.sampler.sample(4))
     with pytest.raises(ValueError, match="older dpnotes"):
         resumed.load_state_dict({"sampler": {}, "noise": {}, "accountant": {}})
+
+
+def test_host_tensors_draw_from_the_philox_stream_itself():
+    from dpnotes.privacy.randomness import NormalDraws, gaussian
+
+    draws = NormalDraws(11, 3, 2)
+    first, second = draws.like(torch.empty(5)), draws.like(torch.empty(2, 3))
+    expected = stream(11, 3, 2)
+    assert torch.equal(first, gaussian(expected, (5,))) and torch.equal(second, gaussian(expected, (2, 3)))
+
+
+def test_device_draws_are_a_function_of_key_step_rank_and_standard_normal():
+    """The accelerator path (run here with the CPU's generators): reproducible per (key, step, rank),
+    different across ranks and steps, N(0, 1), and seeded by two 64-bit words of the stream."""
+    from dpnotes.privacy.randomness import NormalDraws
+
+    cpu = torch.device("cpu")
+    a = NormalDraws(11, 3, 2).on_device((200_000,), cpu)
+    assert torch.equal(a, NormalDraws(11, 3, 2).on_device((200_000,), cpu))
+    for other in (NormalDraws(11, 3, 1), NormalDraws(11, 4, 2), NormalDraws(12, 3, 2)):
+        assert abs(float(torch.corrcoef(torch.stack([a, other.on_device((200_000,), cpu)]))[0, 1])) < 0.02
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1) < 0.01
+    draws = NormalDraws(11, 3, 2)
+    draws.on_device((4,), cpu)
+    assert len(draws._devices[cpu]) == 2  # two independently seeded generators: 128 secret bits
+    nxt = draws.on_device((4,), cpu)  # later tensors continue the generators, never restart them
+    assert not torch.equal(nxt, NormalDraws(11, 3, 2).on_device((4,), cpu))

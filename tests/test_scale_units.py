@@ -3,7 +3,7 @@ tests/test_scale.py)."""
 import pytest
 import torch
 
-from dpnotes.privacy.randomness import stream
+from dpnotes.privacy.randomness import NormalDraws
 from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer, require_fp32_sums
 
 
@@ -23,7 +23,7 @@ def test_noise_optimizer_refuses_to_step_unarmed():
 def test_noise_optimizer_adds_full_std_to_what_it_steps_then_delegates():
     p = _param()
     opt = ZeroNoiseOptimizer(torch.optim.SGD([p], lr=1.0))
-    opt.arm(0.5, stream(123, 0, 1))
+    opt.arm(0.5, NormalDraws(123, 0, 1))
     opt.step()
     opt.disarm()
     assert opt.noised_elements == p.numel()
@@ -38,7 +38,7 @@ def test_sigma_zero_armed_steps_without_noise():
     p = _param(10)
     p.grad.fill_(1.0)
     opt = ZeroNoiseOptimizer(torch.optim.SGD([p], lr=1.0))
-    opt.arm(0.0, stream(1, 0, 0))
+    opt.arm(0.0, NormalDraws(1, 0, 0))
     opt.step()
     assert torch.equal(p.detach(), -torch.ones(10))
 

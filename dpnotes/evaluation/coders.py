@@ -26,7 +26,7 @@ from torch import nn
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.metrics import binarize, evaluate_scores, f1_scores, tune_threshold
 from dpnotes.errors import UserError
-from dpnotes.models import load_encoder
+from dpnotes.models import compute_device, load_encoder
 
 
 class EvalInputError(UserError):
@@ -175,7 +175,7 @@ class EncoderCoder(Coder):
         head_lr: float = 1e-3,
         attention_dim: int = 256,
         seed: int = 0,
-        device: str = "cpu",
+        device: str | None = None,  # None: the GPU when there is one, else the CPU
         log: Callable[[str], None] | None = None,
     ):
         if head not in ("mean", "label_attention"):
@@ -183,7 +183,8 @@ class EncoderCoder(Coder):
         self.encoder_spec, self.head_kind = encoder, head
         self.max_length, self.epochs, self.batch_size = max_length, epochs, batch_size
         self.lr, self.head_lr, self.attention_dim = lr, head_lr, attention_dim
-        self.seed, self.device, self.log = seed, device, log or (lambda message: None)
+        self.seed, self.log = seed, log or (lambda message: None)
+        self.device = torch.device(device) if device is not None else compute_device()
 
     def _load(self):
         if callable(self.encoder_spec):

@@ -11,7 +11,7 @@ from dpnotes.corpus import Note, canary_secrets
 from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets, evaluate_coder
 from dpnotes.evaluation.fidelity import fidelity_report
 from dpnotes.evaluation.leakage import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
-from dpnotes.models import compute_dtype, load_causal_lm
+from dpnotes.models import compute_device, compute_dtype, load_causal_lm
 from dpnotes.prompting import prompt_format_from
 from dpnotes.runs import PRIVACY_REPORT, RunDir, load_synthetic
 from dpnotes.evaluation.dp_sweep import dp_epsilon_sweep, format_epsilon
@@ -31,7 +31,7 @@ def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> di
     merged = run.merged
     # Scoring in the dtype training computes in: bf16 moves exposures and MIA losses by rounding only.
     model, tokenizer = load_causal_lm(str(merged), dtype=compute_dtype("auto"))
-    model.eval()
+    model.to(compute_device()).eval()
     prompt = prompt_format_from(json.loads((merged / PRIVACY_REPORT).read_text()), str(merged))
 
     def prompt_of(codes):

@@ -244,6 +244,19 @@ def refuse_reentrant_checkpointing(model: nn.Module) -> None:
                 )
 
 
+@contextlib.contextmanager
+def exact_fp32_matmuls() -> Iterator[None]:
+    """Norms and clipped sums with full fp32 products. TF32 (on for the model's own matmuls on
+    GPUs, models.compute_device) keeps 10 mantissa bits: a norm off by 1e-3 would let a clipped
+    gradient exceed C, and bk's sums would disagree with the norms they were clipped by."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 class PerExampleClipper:
     """Clips each privacy unit's gradient to `max_grad_norm` and accumulates the clipped sum, in
     fp32 (fp64 for fp64 parameters): `summed()` gives one tensor per parameter of `parameters`."""
@@ -344,6 +357,7 @@ class PerExampleClipper:
         an engine that owns the backward (DeepSpeed) then back-propagates Σ c_i L_i itself."""
         return self._clip(losses, group_index, accumulate=False, verify=False)
 
+    @exact_fp32_matmuls()
     def _clip(self, losses: torch.Tensor, group_index: torch.Tensor | None, accumulate: bool, verify: bool) -> ClipResult:
         try:
             if losses.shape[0] == 0:

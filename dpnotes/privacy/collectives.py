@@ -23,17 +23,42 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+BUCKET_BYTES = 64 * 2**20  # bounds the extra memory of the flattened copies
+
+
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
-    """Add each tensor over the ranks, in place. A tensor already on the backend's device (the
-    usual case: the clipped sums live beside their parameters) is reduced without a copy."""
+    """Add each tensor over the ranks, in place, in few calls: tensors of one dtype are flattened
+    into buckets of at most BUCKET_BYTES, one all-reduce each (a LoRA model has hundreds of small
+    tensors, and a collective per tensor costs more than its data). A tensor as large as a bucket,
+    on the backend's device, is reduced where it is, without a copy."""
     if world_size() == 1:
         return
     device = collective_device()
+    for bucket in _buckets(tensors):
+        if len(bucket) == 1:
+            moved = bucket[0].to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            if moved is not bucket[0]:
+                bucket[0].copy_(moved)
+            continue
+        flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            tensor.copy_(part.view_as(tensor))
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    buckets: list[list[torch.Tensor]] = []
+    open_bucket: dict[torch.dtype, tuple[list[torch.Tensor], int]] = {}
     for tensor in tensors:
-        moved = tensor.to(device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-        if moved is not tensor:
-            tensor.copy_(moved)
+        size = tensor.numel() * tensor.element_size()
+        bucket, used = open_bucket.get(tensor.dtype, (None, 0))
+        if bucket is None or used + size > BUCKET_BYTES:
+            bucket, used = [], 0
+            buckets.append(bucket)
+        bucket.append(tensor)
+        open_bucket[tensor.dtype] = (bucket, used + size)
+    return buckets
 
 
 def all_reduce_max(value: int) -> int:

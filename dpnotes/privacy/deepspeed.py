@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 from torch import nn
 
 from dpnotes.privacy.clipping import ClipResult
 from dpnotes.privacy.engine import LossFn, MicroBatch, PrivacyEngine
 from dpnotes.privacy.collectives import all_reduce_max
-from dpnotes.privacy.randomness import gaussian, stream
+from dpnotes.privacy.randomness import NormalDraws
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -65,7 +64,7 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer):
         self.base = base
         self.defaults = base.defaults
-        self._stream: np.random.Generator | None = None
+        self._draws: NormalDraws | None = None
         self._std = 0.0
         self.noised_elements = 0  # coordinates noised since the last arm() (tests, audits)
 
@@ -86,23 +85,22 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         self.__dict__.update(state)
 
-    def arm(self, std: float, stream: np.random.Generator) -> None:
-        self._std, self._stream, self.noised_elements = float(std), stream, 0
+    def arm(self, std: float, draws: NormalDraws) -> None:
+        self._std, self._draws, self.noised_elements = float(std), draws, 0
 
     def disarm(self) -> None:
-        self._std, self._stream = 0.0, None
+        self._std, self._draws = 0.0, None
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self._stream is None:
+        if self._draws is None:
             raise RuntimeError("ZeroNoiseOptimizer stepped outside a DP step (noise not armed)")
         if self._std > 0:
             for group in self.base.param_groups:
                 for param in group["params"]:
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                    draw = gaussian(self._stream, param.grad.shape)
-                    param.grad.add_(draw.to(device=param.grad.device, dtype=param.grad.dtype), alpha=self._std)
+                    param.grad.add_(self._draws.like(param.grad).to(param.grad.dtype), alpha=self._std)
                     self.noised_elements += param.grad.numel()
         return self.base.step(closure)
 
@@ -269,7 +267,7 @@ class DeepSpeedBackend:
         # Each rank noises its own partition from its own stream of this step, with the std of the
         # noise on each coordinate of the final (averaged) gradient: σC / B_exp.
         std = engine.noise.std / engine.expected_batch_size
-        self.optimizer.arm(std, stream(engine.noise.key, engine.steps_taken, self.rank))
+        self.optimizer.arm(std, NormalDraws(engine.noise.key, engine.steps_taken, self.rank))
         try:
             self.ds_engine.step()
         finally:

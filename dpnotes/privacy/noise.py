@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from dpnotes.privacy.randomness import REPLICATED, gaussian, stream
+from dpnotes.privacy.randomness import REPLICATED, NormalDraws
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class GaussianNoise:
 
     def add_(self, tensors: Iterable[torch.Tensor], step: int, rank: int = REPLICATED) -> None:
         """Add independent N(0, std²) to every coordinate of the (fp32) tensors, drawn in order from
-        the stream of (step, rank): the draw does not depend on devices or on tensor placement."""
+        the stream of (step, rank), on each tensor's device (NormalDraws)."""
         if self.std == 0:
             return
-        draws = stream(self.key, step, rank)
+        draws = NormalDraws(self.key, step, rank)
         for tensor in tensors:
-            tensor.add_(gaussian(draws, tensor.shape).to(device=tensor.device, dtype=tensor.dtype), alpha=self.std)
+            tensor.add_(draws.like(tensor).to(tensor.dtype), alpha=self.std)

@@ -55,8 +55,10 @@ class TrainConfig:
         """`dtype` with auto resolved on this machine. auto is bf16 only where training stays exact:
         - LoRA: full fine-tuning's weights are the optimizer's only copy, and bf16 rounds small updates away
           (LoRA adapters are fp32 over a bf16 base; model_setup checks it);
-        - bk clipping, outside DeepSpeed: ghost's second backward over bf16 layers rounds each unit's
-          clipped gradient (docs/privacy.md), and DeepSpeed's backward of Σ c_i L_i does the same.
+        - bk clipping: ghost's second backward over bf16 layers rounds each unit's clipped gradient
+          (docs/privacy.md);
+        - outside DeepSpeed: there bf16 is the DeepSpeed config's, which casts the whole module,
+          adapters included.
         `accelerate launch` with a DeepSpeed config says so in the environment, before any setup."""
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         if self.dtype == "auto" and (self.trainable.full_finetune or self.privacy.clipping != "bk" or deepspeed):

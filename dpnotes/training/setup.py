@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from dpnotes.caches import corpus_cache, token_cache
 from dpnotes.corpus import corpus_fingerprint, load_split_tables
 from dpnotes.digests import digest
-from dpnotes.models import compute_dtype, load_causal_lm, load_tokenizer
+from dpnotes.models import compute_dtype, load_causal_lm, load_tokenizer, use_tf32
 from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
@@ -55,6 +55,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         PartialState(backend="gloo") if deepspeed else PartialState(cpu=True, backend="gloo")
+    use_tf32()
     trackers = None if config.report_to == "none" else config.report_to
     os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync` uploads later, on purpose
     if trackers:
