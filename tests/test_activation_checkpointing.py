@@ -42,6 +42,21 @@ def test_reentrant_checkpointing_is_refused_by_name():
             causal_lm_losses(model, prompt_masked_batch(4))
 
 
+def test_deepspeeds_activation_checkpointing_is_refused_by_name():
+    """DeepSpeed's checkpoint function is the reentrant kind (an autograd Function that reruns the
+    forward inside backward)."""
+    deepspeed = pytest.importorskip("deepspeed")
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = deepspeed.checkpointing.checkpoint
+    clipper = PerExampleClipper(model.train(), 1.0)
+    with pytest.raises(UnsupportedParameterError, match="uses reentrant activation checkpointing"):
+        with clipper.recording(4):
+            pass
+
+
 def test_a_run_with_checkpointing_trains_the_same_adapter(tmp_path, tiny_model_dir):
     _, plain = run(tmp_path, tiny_model_dir, "plain")
     _, saved = run(tmp_path, tiny_model_dir, "checkpointed", "activation_checkpointing=true")
