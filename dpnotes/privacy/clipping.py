@@ -233,14 +233,17 @@ def refuse_reentrant_checkpointing(model: nn.Module) -> None:
     """Reentrant activation checkpointing runs a layer's forward without a graph and again inside
     backward: the recorded outputs would carry no gradient and no rule would see the layer. The
     non-reentrant kind keeps the forward's graph (its saved activations are recomputed), so the
-    recording stays exact (tests/test_dp_models.py)."""
+    recording stays exact (tests/test_activation_checkpointing.py). DeepSpeed's checkpoint functions
+    are refused too: `checkpoint` is reentrant, and `non_reentrant_checkpoint` raises on the norm
+    pass's torch.autograd.grad."""
     for name, module in model.named_modules():
         if getattr(module, "gradient_checkpointing", False) is True:
             checkpoint = getattr(module, "_gradient_checkpointing_func", None)
             if getattr(checkpoint, "keywords", {}).get("use_reentrant") is not False:
+                what = getattr(checkpoint, "__qualname__", None) or getattr(getattr(checkpoint, "func", None), "__qualname__", "?")
                 raise UnsupportedParameterError(
-                    f"{name} ({type(module).__name__}) uses reentrant activation checkpointing: per-example "
-                    "norms need the non-reentrant kind (gradient_checkpointing_kwargs={'use_reentrant': False})"
+                    f"{name} ({type(module).__name__}) uses reentrant or unknown activation checkpointing ({what}): "
+                    "per-example norms need torch's non-reentrant kind (gradient_checkpointing_kwargs={'use_reentrant': False})"
                 )
 
 
