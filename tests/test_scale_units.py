@@ -86,6 +86,24 @@ def test_saving_the_adapter_copies_only_the_adapter_and_only_on_the_main_process
     assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in adapter.values())
 
 
+def test_saving_the_full_model_under_zero2_writes_on_the_main_process_without_cloning(tmp_path):
+    from safetensors.torch import load_file
+
+    from dpnotes.privacy.deepspeed import DeepSpeedBackend
+    from dpnotes.testing.tiny_models import tiny_causal_lm
+    from dpnotes.training.model_setup import TrainableConfig, prepare_trainable
+
+    model = prepare_trainable(tiny_causal_lm("llama"), TrainableConfig(lora_rank=4, lora_targets=["q_proj", "v_proj"]))
+    backend = DeepSpeedBackend(None, model, None, rank=0, world_size=2, stage=2)
+    backend.save_weights(_Rank(main=False), tmp_path / "other", full_model=True)
+    assert not (tmp_path / "other").exists()
+    backend.save_weights(_Rank(main=True), tmp_path / "main", full_model=True)
+    saved = {k: v for f in (tmp_path / "main").glob("*.safetensors") for k, v in load_file(f).items()}
+    expected = model.state_dict()
+    assert set(saved) <= set(expected) and len(saved) >= len(expected) - 1  # a tied weight is written once
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
 def test_deepspeed_checkpoints_keep_no_frozen_weight_tied_ones_included(tmp_path):
     """exclude_frozen_parameters keeps a frozen weight tied to another (named once by
     named_parameters): drop_frozen_weights leaves only what training changes."""

@@ -35,6 +35,7 @@ replicated noise (one stream, the same on every rank) is the right scheme for re
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -284,8 +285,17 @@ class DeepSpeedBackend:
         weight under the wrapped model's key names (PEFT: base + adapter, unmerged; gathered to the
         main process under ZeRO-3, stage3_gather_16bit_weights_on_model_save). Collective: call on
         every rank; the main process writes."""
-        if full_model:
+        if full_model and self.stage == 3:
             accelerator.save_model(self.ds_engine, folder)
+            return
+        if full_model:
+            # ZeRO-1/2 keep every weight whole on every rank: the main process writes them as they
+            # are (accelerate's save_model would clone the whole model on every rank first).
+            if accelerator.is_main_process:
+                from huggingface_hub import save_torch_state_dict
+
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                save_torch_state_dict(self.module.state_dict(), folder)
             return
         state = self.trainable_state(accelerator.is_main_process)
         if accelerator.is_main_process:
