@@ -8,7 +8,9 @@ under DeepSpeed ZeRO-1/2/3, with the DP guarantee intact. On a tiny LLaMA + LoRA
 (c) with σ = 100 and SGD(lr=1), the LoRA B factors start at 0, so after 2 steps they hold
     -(Σ clipped + noise)/B_exp twice: their empirical std must be √2·σC/B_exp (not √ranks times it);
 (d) killed after step 1 (hard exit, no cleanup) then relaunched == uninterrupted, bit for bit,
-    under the DDP-style path, ZeRO-2 and ZeRO-3 (noise on).
+    under the DDP-style path, ZeRO-2 and ZeRO-3 (noise on);
+(e) ZeRO-3 builds the model partitioned: right after load_model each rank holds only its share of
+    the checkpoint's weights (tests/zero3_load_entry.py).
 
 Each launch costs ~10-20 s on 2 cores; the first DeepSpeed one JIT-compiles a comm op (cached in
 TORCH_EXTENSIONS_DIR, default .cache/torch_extensions).
