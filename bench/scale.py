@@ -49,7 +49,7 @@ def worker(args) -> None:
                          trainable=TrainableConfig(lora_rank=8, lora_targets=["q_proj", "v_proj"]), privacy=privacy,
                          activation_checkpointing=args.activation_checkpointing == "on")
     accelerator = make_accelerator(config)
-    model, _ = load_model(config, accelerator.device)
+    model, _ = load_model(config, accelerator)
     engine = PrivacyEngine(model, privacy, units)
     backend = make_backend(accelerator, model, make_optimizer(model, config), privacy.micro_batch_size)
     assert isinstance(backend, DeepSpeedBackend), "launch with a DeepSpeed accelerate config"

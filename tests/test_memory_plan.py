@@ -101,3 +101,22 @@ def test_the_plan_counts_the_runs_activation_checkpointing(capsys):
     assert "8x80GB            -> does not fit" in capsys.readouterr().out
     main([*args, "activation_checkpointing=true"])
     assert "8x80GB            -> ZeRO-3" in capsys.readouterr().out
+
+
+def test_loading_counts_what_each_rank_holds_while_the_model_loads():
+    model, p = PRESETS["llama-70b"], PRESETS["llama-70b"].params
+    run = RunShape(lora_rank=16, seq=1024, zero=3, gpus=8)
+    partitioned = estimate(model, run)
+    # built partitioned; rank 0 copies the checkpoint in one module at a time, the embedding the largest
+    assert partitioned["load"] == 2 * p / 8 + 2 * model.vocab * model.hidden
+    assert partitioned["host_load_per_node"] == 2 * p  # rank 0's copy of the checkpoint only
+    assert partitioned["total"] < 72 * GiB
+    # without zero.Init every rank builds all 70B weights: 1.1 TB of host RAM per node, 140 GB per GPU
+    whole = estimate(model, replace(run, zero3_init=False))
+    assert whole["load"] == 2 * p and whole["host_load_per_node"] == 8 * 2 * p
+    assert whole["total"] > 140e9
+    two_nodes = estimate(model, replace(run, zero=2, gpus=16))
+    assert two_nodes["host_load_per_node"] == 8 * 2 * p  # ZeRO-1/2 always load whole, per rank
+    offloaded = estimate(model, replace(run, offload=True))
+    assert offloaded["load"] == 2 * model.vocab * model.hidden  # the partitions went to host RAM
+    assert offloaded["host_load_per_node"] == 2 * p + 8 * 2 * p / 8

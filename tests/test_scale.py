@@ -8,7 +8,9 @@ under DeepSpeed ZeRO-1/2/3, with the DP guarantee intact. On a tiny LLaMA + LoRA
 (c) with σ = 100 and SGD(lr=1), the LoRA B factors start at 0, so after 2 steps they hold
     -(Σ clipped + noise)/B_exp twice: their empirical std must be √2·σC/B_exp (not √ranks times it);
 (d) killed after step 1 (hard exit, no cleanup) then relaunched == uninterrupted, bit for bit,
-    under the DDP-style path, ZeRO-2 and ZeRO-3 (noise on).
+    under the DDP-style path, ZeRO-2 and ZeRO-3 (noise on);
+(e) ZeRO-3 builds the model partitioned: right after load_model each rank holds only its share of
+    the checkpoint's weights (tests/zero3_load_entry.py).
 
 Each launch costs ~10-20 s on 2 cores; the first DeepSpeed one JIT-compiles a comm op (cached in
 TORCH_EXTENSIONS_DIR, default .cache/torch_extensions).
@@ -28,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpnotes.testing.tiny_models import tiny_llama_folder
 from dpnotes.training.recipe import train
 from dpnotes.training.config import load_config
 
@@ -56,20 +59,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(backend: str, model_dir, out: Path, overrides, kill_after: int | None = None) -> str:
-    """`accelerate launch` of the entry script on 2 CPU processes; returns the combined output."""
+def accelerate_launch(backend: str, args: list[str], kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a script and its arguments on 2 CPU processes."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.pop("DPNOTES_TEST_KILL_AFTER_STEP", None)
     if kill_after is not None:
         env["DPNOTES_TEST_KILL_AFTER_STEP"] = str(kill_after)
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [
-        str(accelerate), "launch", "--config_file", LAUNCH_CONFIGS[backend], "--main_process_port", str(_free_port()),
-        "tests/scale_entry.py", "--config", CONFIG, f"model={model_dir}", f"output_dir={out}", "privacy.seed=5",
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [str(accelerate), "launch", "--config_file", LAUNCH_CONFIGS[backend], "--main_process_port", str(_free_port()), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def launch(backend: str, model_dir, out: Path, overrides, kill_after: int | None = None) -> str:
+    """The entry script on 2 CPU processes; returns the combined output."""
+    args = ["tests/scale_entry.py", "--config", CONFIG, f"model={model_dir}", f"output_dir={out}", "privacy.seed=5", *overrides]
+    proc = accelerate_launch(backend, args, kill_after)
     output = proc.stdout + proc.stderr
     if kill_after is None:
         assert proc.returncode == 0, output[-6000:]
@@ -184,3 +189,22 @@ def test_killed_then_resumed_equals_uninterrupted(backend, runs, tiny_model_dir,
     assert json.loads((split / "privacy_report.json").read_text())["epsilon"] == json.loads(
         (full / "privacy_report.json").read_text()
     )["epsilon"]
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_model_partitioned_before_any_engine(tiny_model_dir, tmp_path):
+    """Right after load_model, before DeepSpeed has an engine: every frozen base weight is only this
+    rank's share, in the DeepSpeed config's dtype, and gathered it equals the checkpoint (not a random
+    init); full fine-tuning unties a tied head into a whole copy of the partitioned embedding."""
+    tied = tmp_path / "tied"
+    tiny_llama_folder(tied, tie=True)
+    proc = accelerate_launch("zero3", ["tests/zero3_load_entry.py", str(tiny_model_dir), str(tied)])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    loads = re.findall(r"rank (\d): 0/(\d+) frozen tensors whole, (\d+)/(\d+) elements here, (\d+) equal to the checkpoint, "
+                       r"torch.float32", output)
+    assert sorted(rank for rank, *_ in loads) == ["0", "1"], output[-3000:]
+    for _, tensors, share, total, same in loads:
+        assert int(share) <= int(total) / 2 + int(tensors) and same == tensors  # ZeRO-3 pads each tensor to 2 shares
+    untied = re.findall(r"rank \d: untied head \((\d+, \d+)\), embedding \((\d+, \d+)\), equal True", output)
+    assert len(untied) == 2 and all(head == embedding for head, embedding in untied), output[-3000:]

@@ -1,7 +1,11 @@
 """Fast, single-process checks of the ZeRO integration pieces (the multi-process ones are in
 tests/test_scale.py)."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from dpnotes.privacy.randomness import NormalDraws
 from dpnotes.privacy.deepspeed import ZeroNoiseOptimizer, require_fp32_sums
@@ -120,3 +124,32 @@ def test_deepspeed_checkpoints_keep_no_frozen_weight_tied_ones_included(tmp_path
     kept = torch.load(states, weights_only=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert set(kept["module"]) == trainable and kept["global_steps"] == 1
+
+
+def test_every_zero3_launch_config_builds_the_model_partitioned():
+    root = Path(__file__).resolve().parents[1]
+    zero3 = []
+    for path in sorted((root / "accelerate_configs").glob("*.yaml")):
+        deepspeed = yaml.safe_load(path.read_text()).get("deepspeed_config", {})
+        ds_file = deepspeed.get("deepspeed_config_file")
+        if ds_file and json.loads((root / ds_file).read_text())["zero_optimization"]["stage"] == 3:
+            zero3.append(path.name)
+            assert deepspeed.get("zero3_init_flag") is True, path.name
+    assert len(zero3) == 4, zero3
+
+
+def test_zero3_refuses_a_model_loaded_whole():
+    from dpnotes.errors import UserError
+    from dpnotes.privacy.deepspeed import require_partitioned
+    from dpnotes.testing.tiny_models import tiny_llama
+
+    with pytest.raises(UserError, match="zero3_init_flag: true"):
+        require_partitioned(tiny_llama())
+
+
+def test_under_deepspeed_the_model_loads_in_the_dtype_deepspeed_runs_it_in():
+    from dpnotes.privacy.deepspeed import module_dtype
+
+    assert module_dtype({"bf16": {"enabled": True}}) == torch.bfloat16
+    assert module_dtype({"fp16": {"enabled": "true"}}) == torch.float16
+    assert module_dtype({"bf16": {"enabled": False}}) == module_dtype({}) == torch.float32

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpnotes.errors import UserError
 from dpnotes.privacy.clipping import ClipResult
 from dpnotes.privacy.engine import LossFn, MicroBatch, PrivacyEngine
 from dpnotes.privacy.collectives import all_reduce_max
@@ -120,6 +121,27 @@ class ZeroNoiseOptimizer(torch.optim.Optimizer):
 
 def zero_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def module_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed runs the module in, whatever it was loaded in: its config's bf16 or fp16
+    when enabled (the engine casts the module; ZeRO-3's zero.Init builds it so), else fp32."""
+    for section, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+        if str(ds_config.get(section, {}).get("enabled", False)).lower() == "true":
+            return dtype
+    return torch.float32
+
+
+def require_partitioned(model: nn.Module) -> None:
+    """ZeRO-3 must have built the model partitioned: from_pretrained does so inside deepspeed.zero.Init
+    while the Accelerator's DeepSpeed config is alive (accelerate's zero3_init_flag). Built whole,
+    every rank would hold all of it before DeepSpeed partitions it (70B in bf16: 140 GB each)."""
+    whole = [name for name, param in model.named_parameters() if not hasattr(param, "ds_id")]
+    if whole:
+        raise UserError(
+            f"ZeRO-3 loaded the model whole on every rank ({len(whole)} tensors, e.g. {whole[0]}): set "
+            "zero3_init_flag: true in the accelerate config and create the Accelerator before loading the model"
+        )
 
 
 @contextlib.contextmanager

@@ -18,6 +18,12 @@ Estimates, per GPU, in bytes (bf16 compute, fp32 master weights and Adam states)
                  b·p·d·4, whichever the rule picks (the smaller)
   ZeRO-3 gathers 2 layers of bf16 weights in flight (prefetch) + the embedding matrix
   overhead       CUDA context + allocator slack: 2 GiB + 10 %
+  loading        held while the model loads, before training (the total is the larger of the two):
+                 ZeRO-3 with zero3_init builds it partitioned and rank 0 copies the checkpoint in one
+                 module at a time: 2·P/N + the largest module (the embedding, V·h) per GPU, and the
+                 checkpoint (2·P) in rank 0's host RAM only. Otherwise every rank builds the whole
+                 model in host RAM (2·P per rank; `host_load_per_node` sums a node's) and DeepSpeed
+                 moves it to the GPU (2·P)
 
 These are planning estimates (±20 %), not guarantees; measure before a long run.
 """
@@ -81,6 +87,8 @@ class RunShape:
     gpus: int = 8
     weight_bytes: int = 2  # bf16
     activation_checkpointing: bool = False  # TrainConfig.activation_checkpointing (non-reentrant, exact norms)
+    zero3_init: bool = True  # ZeRO-3 builds the model partitioned (accelerate's zero3_init_flag)
+    gpus_per_node: int = 8
 
 
 def trainable_params(model: ModelShape, run: RunShape) -> int:
@@ -97,6 +105,20 @@ def clipped_layers(model: ModelShape, run: RunShape) -> list[tuple[int, int]]:
         return list(shapes.values())
     r = run.lora_rank
     return [pair for t in run.lora_targets for pair in ((shapes[t][0], r), (r, shapes[t][1]))]
+
+
+def loading(model: ModelShape, run: RunShape) -> tuple[float, float]:
+    """(bytes per GPU, host bytes per node) held while the model loads, before anything trains."""
+    wb, p = run.weight_bytes, model.params
+    ranks_here = min(run.gpus, run.gpus_per_node)
+    if run.zero == 3 and run.zero3_init:
+        # One module at a time is gathered whole while rank 0 copies its checkpoint values in.
+        largest = max(model.vocab * model.hidden, *(a * b for a, b in model.linear_shapes().values()))
+        partitions = wb * p / run.gpus
+        if run.offload:  # zero.Init puts the partitions in host RAM straight away
+            return wb * largest, wb * p + ranks_here * partitions
+        return partitions + wb * largest, wb * p
+    return wb * p, ranks_here * wb * p
 
 
 def estimate(model: ModelShape, run: RunShape) -> dict[str, float]:
@@ -127,11 +149,13 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, float]:
         per_layer = sum(a * c for a, c in model.linear_shapes().values())
         gathers = wb * (2 * per_layer + model.vocab * h)
     subtotal = weights + grads + optimizer + activations + norm_pass + gathers
-    overhead = 2 * GiB + 0.10 * subtotal
+    load, host_load = loading(model, run)
+    peak = max(subtotal, load)
+    overhead = 2 * GiB + 0.10 * peak
     return {
         "weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
-        "dp_norm_pass": norm_pass, "zero3_gathers": gathers, "overhead": overhead, "total": subtotal + overhead,
-        "trainable_params": pt, "params": p,
+        "dp_norm_pass": norm_pass, "zero3_gathers": gathers, "load": load, "overhead": overhead,
+        "total": peak + overhead, "host_load_per_node": host_load, "trainable_params": pt, "params": p,
     }
 
 

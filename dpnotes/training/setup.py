@@ -22,7 +22,7 @@ from dpnotes.digests import digest
 from dpnotes.models import compute_dtype, load_causal_lm, load_tokenizer, use_tf32
 from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.backends import ReplicatedBackend
-from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed
+from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed, module_dtype, require_partitioned, zero_stage
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
 from dpnotes.tokenized_notes import TokenizedNotes, load_tokenized
 from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint, load_checkpoint
@@ -73,11 +73,28 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
-def load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """The model with its trainable part (LoRA adapters, or everything) set up, in train mode."""
+def load_dtype(config: TrainConfig, accelerator: Accelerator) -> torch.dtype:
+    """Under DeepSpeed the module runs in its config's dtype whatever it was loaded in: loading in
+    that dtype spares every rank a transient fp32 copy (ZeRO-1/2, where each rank loads it whole)."""
+    if is_deepspeed(accelerator):
+        return module_dtype(accelerator.state.deepspeed_plugin.deepspeed_config)
+    return compute_dtype(config.resolved_dtype())
+
+
+def load_model(config: TrainConfig, accelerator: Accelerator) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The model with its trainable part (LoRA adapters, or everything) set up, in train mode.
+
+    Call it after make_accelerator: under ZeRO-3 from_pretrained then builds the model inside
+    deepspeed.zero.Init, so each rank only ever holds its partition (rank 0 copies the checkpoint
+    in one module at a time). DeepSpeed places the model itself; otherwise it goes to the device."""
     torch.manual_seed(config.init_seed)
-    model, tokenizer = load_causal_lm(config.model, dtype=compute_dtype(config.resolved_dtype()))
-    model = prepare_trainable(model, config.trainable).to(device)
+    model, tokenizer = load_causal_lm(config.model, dtype=load_dtype(config, accelerator))
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed and zero_stage(accelerator) == 3:
+        require_partitioned(model)
+    model = prepare_trainable(model, config.trainable)
+    if not deepspeed:
+        model = model.to(accelerator.device)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
@@ -125,7 +142,7 @@ def setup(config: TrainConfig) -> TrainingRun:
     num_units = len(examples_of_unit) if examples_of_unit is not None else len(data)
     config.privacy.validated_delta(num_units)  # bad privacy settings fail before the model is loaded
     claim_output_dir(accelerator, Path(config.output_dir), config)
-    model, tokenizer = load_model(config, accelerator.device)
+    model, tokenizer = load_model(config, accelerator)
     engine = PrivacyEngine(model, config.privacy, num_units, examples_of_unit)
     backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
     accelerator.register_for_checkpointing(*backend.checkpointed(), engine)
