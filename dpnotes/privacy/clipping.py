@@ -235,7 +235,8 @@ def refuse_reentrant_checkpointing(model: nn.Module) -> None:
     non-reentrant kind keeps the forward's graph (its saved activations are recomputed), so the
     recording stays exact (tests/test_activation_checkpointing.py). DeepSpeed's checkpoint functions
     are refused too: `checkpoint` is reentrant, and `non_reentrant_checkpoint` raises on the norm
-    pass's torch.autograd.grad."""
+    pass's torch.autograd.grad (and on backward(inputs=...): only a plain backward, which writes the
+    parameters' gradients, passes its check)."""
     for name, module in model.named_modules():
         if getattr(module, "gradient_checkpointing", False) is True:
             checkpoint = getattr(module, "_gradient_checkpointing_func", None)
