@@ -144,6 +144,17 @@ def require_partitioned(model: nn.Module) -> None:
         )
 
 
+def whole(params) -> contextlib.AbstractContextManager:
+    """`params` whole inside: ZeRO-3 leaves each rank only its partition of a parameter outside
+    its module's forward/backward (shape (0,)); any other parameter is whole already."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero import GatheredParameters
+
+    return GatheredParameters(partitioned)
+
+
 @contextlib.contextmanager
 def _same_randomness():
     """Run the norm-pass forward and then rewind the RNG, so the engine forward that follows draws
@@ -246,7 +257,7 @@ class DeepSpeedBackend:
         result = clipper.backward(losses, micro.group_index, verify=self.stage != 3)
         scale = 0.0 if micro.padding else self._reduction_scale(engine)
         params = clipper.parameters
-        with self._whole(params):
+        with whole(params):  # trainable LoRA factors are small; full fine-tuning under ZeRO-3: use ghost
             surrogate = sum((p * s.mul_(scale).to(p.dtype)).sum() for p, s in zip(params, clipper.summed()))
             self.ds_engine.backward(surrogate, scale_wrt_gas=False)
         clipper.reset_sums()
@@ -275,16 +286,6 @@ class DeepSpeedBackend:
     def _reduction_scale(self, engine: PrivacyEngine) -> float:
         # DeepSpeed averages over the W ranks: W / B_exp times Σ_i c_i g_i reduces to Σ c_i g_i / B_exp.
         return self.world_size / engine.expected_batch_size
-
-    def _whole(self, params):
-        """ZeRO-3 partitions a parameter outside its module's forward/backward (shape (0,)); the
-        surrogate needs it whole. Trainable LoRA factors are small; under full fine-tuning this
-        gathers every trainable tensor at once (use ghost clipping, which does not)."""
-        if self.stage != 3:
-            return contextlib.nullcontext()
-        from deepspeed.runtime.zero import GatheredParameters
-
-        return GatheredParameters(params)
 
     def noise_and_step(self, engine: PrivacyEngine) -> None:
         # Each rank noises its own partition from its own stream of this step, with the std of the

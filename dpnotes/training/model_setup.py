@@ -1,13 +1,14 @@
 """Choosing what a DP run trains: LoRA adapters (default) or all parameters."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
+
+from dpnotes.privacy.deepspeed import whole
 
 
 @dataclass
@@ -23,16 +24,6 @@ class TrainableConfig:
     untie_embeddings: bool = True  # full fine-tuning only: tied weights have no per-example rule
 
 
-def whole(param: nn.Parameter) -> contextlib.AbstractContextManager:
-    """`param` whole inside: ZeRO-3 (zero.Init at load) leaves this rank only its partition outside
-    the module's forward (shape (0,)); any other parameter is whole already."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    from deepspeed.runtime.zero import GatheredParameters
-
-    return GatheredParameters([param])
-
-
 def untie_word_embeddings(model: PreTrainedModel) -> None:
     """Give the output head its own copy of the input embedding matrix.
 
@@ -44,7 +35,7 @@ def untie_word_embeddings(model: PreTrainedModel) -> None:
     embeddings = model.get_input_embeddings()
     if head is None or head.weight is not embeddings.weight:
         return
-    with whole(embeddings.weight):  # DeepSpeed partitions the new copy when it takes the model over
+    with whole([embeddings.weight]):  # DeepSpeed partitions the new copy when it takes the model over
         head.weight = nn.Parameter(embeddings.weight.detach().clone())
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
