@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from dpnotes.errors import UserError
+from dpnotes.models import compute_device
 
 
 @dataclass
@@ -93,7 +94,7 @@ class TransformersBackend:
     def __init__(self, model_dir: str, dtype: str = "float32", device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device else compute_device()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
