@@ -39,8 +39,8 @@ def _icd10_title(code: str) -> str | None:
     return icd10.get_description(code) if icd10.is_valid_item(code) else None
 
 
-def code_title(system: str, code: str) -> str:
-    """The public title of `code` in `system`, or the bare code when the system has none for it."""
+def public_title(system: str, code: str) -> str | None:
+    """The title `system` gives `code` (a specialty is its own title), or None when it has none."""
     if system == "specialty":
         return code
     title = None
@@ -48,7 +48,14 @@ def code_title(system: str, code: str) -> str:
         title = _icd10_title(code)
     if title is None and system in ("icd9cm", "icd"):
         title = _icd9_titles().get(code)
-    return f"{title} ({code})" if title else code
+    return title
+
+
+def code_title(system: str, code: str) -> str:
+    """`code` as a prompt names it: "title (code)", the specialty itself, or the bare code when
+    the system has no title for it."""
+    title = public_title(system, code)
+    return code if title is None or title == code else f"{title} ({code})"
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,14 @@ CORPUS_PROMPTS = {
 def prompt_format_for(corpus: str | None) -> PromptFormat:
     """The prompt format of a corpus spec (see `corpus_kind`); unknown kinds get a generic one."""
     return CORPUS_PROMPTS.get(corpus_kind(corpus), PromptFormat())
+
+
+def label_titles(labels: Sequence[str], corpus: str | None) -> dict[str, str]:
+    """{code: public title} for the labels the code system of `corpus`'s kind titles (none for an
+    unknown kind): knowledge about the label space that costs no ε."""
+    system = prompt_format_for(corpus).code_system
+    titles = {code: public_title(system, code) for code in labels}
+    return {code: title for code, title in titles.items() if title}
 
 
 def prompt_format_from(report: dict | None, where: str = "the training run") -> PromptFormat:

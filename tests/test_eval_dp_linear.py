@@ -123,3 +123,31 @@ def test_cli_coder_option(capsys):
     with pytest.raises(SystemExit) as exit:
         main([*base, "coder=hashed", "model=minilm"])
     assert exit.value.code == 2 and "coder hashed has none" in capsys.readouterr().err
+
+
+def test_the_head_starts_as_the_zero_shot_coder_of_the_code_titles(splits):
+    titles = {"I10": "Essential (primary) hypertension", "E11.9": "Type 2 diabetes mellitus without complications"}
+    features = HashedNgramFeatures(2**12)
+    coder = DPLinearCoder(math.inf, LABELS, features, titles=titles, steps=1, learning_rate=0.0).fit(splits["train"])
+    weight = coder.model_.weight.detach()
+    for code, title in titles.items():
+        row = LABELS.index(code)
+        expected = DPLinearCoder.TITLE_SCALE * torch.from_numpy(features.transform([title]).toarray()[0])
+        assert torch.allclose(weight[row], expected)
+    untitled = [row for row, code in enumerate(LABELS) if code not in titles]
+    assert torch.count_nonzero(weight[untitled]) == 0
+    note = Note("t", "p", "History of essential primary hypertension.", [])
+    assert LABELS[int(np.argmax(coder.predict_proba([note])[0]))] == "I10"
+
+
+def test_the_learning_rate_scales_with_units_times_epsilon(splits):
+    units = len({n.patient_id for n in splits["train"]})
+
+    def rate(epsilon, **training):
+        coder = DPLinearCoder(epsilon, LABELS, HashedNgramFeatures(2**12), **{**FAST, **training})
+        return coder.fit(splits["train"]).privacy_["learning_rate"]
+
+    full, scale = DPLinearCoder.LEARNING_RATE, DPLinearCoder.FULL_RATE_UNIT_EPSILON
+    assert rate(1.0) == pytest.approx(full * units / scale)  # 160 units × ε 1: far below the full rate
+    assert rate(scale / units * 2) == full and rate(math.inf) == full
+    assert rate(1.0, learning_rate=3.0) == 3.0  # a rate that is given is kept

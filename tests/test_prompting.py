@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from dpnotes.corpus import generate_default_corpus
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.prompting import PromptFormat, code_title, prompt_format_for, prompt_format_from
+from dpnotes.prompting import PromptFormat, code_title, label_titles, prompt_format_for, prompt_format_from
 from dpnotes.prompting import IGNORE_INDEX
 from dpnotes.training.config import TrainConfig
 from dpnotes.tokenized_notes import tokenize_notes
@@ -18,6 +18,13 @@ def test_titles_come_from_the_public_code_systems():
     assert code_title("icd", "486") == "Pneumonia, organism unspecified (486)"
     assert code_title("specialty", "Cardiovascular / Pulmonary") == "Cardiovascular / Pulmonary"
     assert code_title("none", "I10") == "I10"
+
+
+def test_label_titles_are_the_bare_public_titles_of_the_corpus_code_system():
+    assert label_titles(["786.2", "96.04"], "cmc2007:x") == {"786.2": "Cough"}  # untitled codes are left out
+    assert label_titles(["E11.9"], "default") == {"E11.9": "Type 2 diabetes mellitus without complications"}
+    assert label_titles(["Urology"], "mtsamples:x") == {"Urology": "Urology"}
+    assert label_titles(["E11.9"], "notes.jsonl") == {}  # an unknown corpus kind has no code system
 
 
 @pytest.mark.parametrize("corpus", ["default", "cmc2007", "mtsamples"])

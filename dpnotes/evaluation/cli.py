@@ -32,7 +32,7 @@ from dpnotes.evaluation.coders import EncoderCoder, TfidfCoder, compare_train_se
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings, dp_epsilon_sweep
 from dpnotes.evaluation.fidelity import embed_texts, fidelity_report
 from dpnotes.models import ComputeDtype, compute_dtype, load_causal_lm
-from dpnotes.prompting import prompt_format_from
+from dpnotes.prompting import label_titles, prompt_format_from
 
 
 class CLIError(UserError):
@@ -261,6 +261,7 @@ def cmd_coders(config: CodersConfig) -> dict:
 
 def cmd_dp_classifier(config: DPClassifierConfig) -> dict:
     labels = public_label_space(config.labels, config.corpus or config.train)  # before any work
+    titles = label_titles(labels, config.corpus or config.train)
     train, dev, test = splits_of(config)
     if not config.epsilons:
         raise CLIError("epsilons is empty")
@@ -268,7 +269,7 @@ def cmd_dp_classifier(config: DPClassifierConfig) -> dict:
         if math.isnan(epsilon) or epsilon <= 0:
             raise CLIError(f"epsilons: each must be > 0 or .inf, got {epsilon}")
     sweep = dp_epsilon_sweep(train, dev, test, labels, config.epsilons, n_bootstrap=config.bootstrap, seed=config.seed,
-                             log=lambda message: print(message, file=sys.stderr), coder=config.coder,
+                             log=lambda message: print(message, file=sys.stderr), coder=config.coder, titles=titles,
                              privacy_seed=config.privacy_seed, privacy_unit=config.privacy_unit, **config.coder_options(config.coder))
     rows = []
     for eps, r in sweep["by_epsilon"].items():

@@ -69,7 +69,7 @@ class DPTraining:
     expected_batch_size: int | None  # None: the coder's choice from the number of units
     micro_batch_size: int
     max_grad_norm: float
-    learning_rate: float
+    learning_rate: float | None  # None: the coder derives it (DPLinearCoder: from the noise)
     delta: float | None = None  # None: 1 / (10 · units)
     privacy_unit: str = "patient"
     head_bias_init: float | None = -3.0

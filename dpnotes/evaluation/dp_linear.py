@@ -18,7 +18,7 @@ biases) whatever its length: the scale the clipping norm is set against.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ class HashedNgramFeatures:
     is linear in the width (the clipper densifies each micro-batch).
     """
 
-    RECENT = 3  # text lists whose rows are kept: train, dev and test of a sweep over ε
+    RECENT = 4  # text lists whose rows are kept: train, dev, test and the code titles of a sweep over ε
 
     def __init__(self, n_features: int = 2**14, ngram_range: tuple[int, int] = (1, 1)):
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -158,46 +158,65 @@ class DPLinearCoder(DPCoder):
     """A DP logistic-regression head (nn.Linear) over `features` (anything with
     `transform(texts) -> (n, d)` dense or sparse rows), trained with DP-SGD with momentum.
 
-    The defaults were chosen on dev data only (`bench/dp_coders.py --dev-only`: threshold on one
-    half of dev, scores on the other), mainly on the default corpus of 20,000 patients at ε = 1,
-    whose dev halves (~2,000 notes) resolve differences of ~0.01 F1:
+    The head starts as a zero-shot coder built from public knowledge: `titles` ({code: public
+    title}, `prompting.label_titles`) set each titled code's weight row to TITLE_SCALE · φ(title),
+    the feature map of its title, so before any private step a note scores each code by its
+    similarity to the code's title (untitled codes start at 0). The private steps then only have
+    to correct that start, which noise permits where learning each row from 0 does not.
+
+    The defaults were chosen on train/dev data only (test notes never: `bench/dp_coders.py
+    --dev-only`, and inner 75/25 splits of the train notes, docs/utility.md section 4):
 
     * SGD with momentum 0.9, not Adam: Adam divides each coordinate by its (noise-dominated) RMS,
       so the many coordinates that carry only noise take full-size steps; with hashed n-grams SGD
       gave weighted F1 0.944 against Adam's best 0.903, with the probe 0.795 against 0.750.
-    * max_grad_norm 0.1 with learning_rate 50: nearly every unit is clipped (per-patient norms are ~1-4 at
-      the start), so each contributes a normalised direction and only lr·C = 5 sets the step.
-      lr·C 2.5 and 10 gave 0.934 and 0.920; C = 1 with lr 10 gave 0.903.
-    * 300 steps: 150 at the same lr gave 0.930 (the noise per step is lower but the fit shorter).
+    * max_grad_norm 0.1: nearly every unit is clipped (per-patient norms are ~1-4 at the start),
+      so each contributes a normalised direction and only lr·C sets the step.
+    * 300 steps: 150 at the same lr gave 0.930 on the 20,000-patient default corpus at ε = 1.
+    * learning_rate None: scaled to the noise. With full batches σ grows as √T/ε, so the noise a
+      head accumulates over T steps grows as lr·T·C/(N·ε), N the privacy units (a count the
+      accountant already treats as public: q = B/N); past some lr·T it outgrows the fit. So
+      lr = LEARNING_RATE · min(1, N·ε / FULL_RATE_UNIT_EPSILON). LEARNING_RATE 50 (lr·C = 5) was the best on
+      the 20,000-patient default corpus at ε = 1 (lr·C 2.5 and 10 gave 0.934 and 0.920 against
+      0.944); on CMC-2007 at ε = 10 (N·ε ≈ 7,800) the full rate over-fits the noise.
     * expected_batch_size None: 1024 units, or every unit (q = 1) on corpora of at most 2048
       units. On MTSamples full batches beat q = 0.16 at ε = 10 (0.76 against 0.73), and they keep
       the accountant closed-form, where a subsampled RDP query at q ≈ 0.5 costs ~1.5 s (the engine
       makes two per step).
-
-    One recipe for every corpus and ε: on the small corpora a shorter run (lr·T ≈ 5,000) did
-    better at ε = 10 on CMC dev (0.66 against 0.59) but worse on MTSamples dev (0.77 against
-    0.80), and their dev sets (~100 notes) cannot resolve such choices reliably.
     """
 
     FULL_BATCH_UNITS = 2048
     BATCH = 1024
+    LEARNING_RATE = 50.0
+    FULL_RATE_UNIT_EPSILON = 15_000.0
+    TITLE_SCALE = 40.0
 
-    TRAINING = DPTraining(steps=300, expected_batch_size=None, micro_batch_size=512, max_grad_norm=0.1, learning_rate=50.0)
+    TRAINING = DPTraining(steps=300, expected_batch_size=None, micro_batch_size=512, max_grad_norm=0.1, learning_rate=None)
 
     def __init__(self, epsilon: float, labels: Sequence[str], features: HashedNgramFeatures | FrozenEncoderFeatures,
-                 momentum: float = 0.9, log: Callable[[str], None] | None = None, **training):
+                 titles: Mapping[str, str] | None = None, momentum: float = 0.9,
+                 log: Callable[[str], None] | None = None, **training):
         super().__init__(epsilon, labels, clipping="bk", log=log, **training)
-        self.features, self.momentum = features, momentum
+        self.features, self.titles, self.momentum = features, dict(titles or {}), momentum
 
     def _expected_batch(self, num_units: int) -> int:
         if self.expected_batch_size is None:
             return num_units if num_units <= self.FULL_BATCH_UNITS else self.BATCH
         return super()._expected_batch(num_units)
 
+    def _learning_rate(self, num_units: int) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return self.LEARNING_RATE * min(1.0, num_units * self.epsilon / self.FULL_RATE_UNIT_EPSILON)
+
     def _head(self, dim: int) -> nn.Linear:
         head = nn.Linear(dim, len(self.labels))
         with torch.no_grad():
-            head.weight.zero_()  # data-independent start: every note scores the prior
+            head.weight.zero_()
+            titled = [row for row, code in enumerate(self.labels) if code in self.titles]
+            if titled:
+                rows = _dense(self.features.transform([self.titles[self.labels[row]] for row in titled]))
+                head.weight[titled] = self.TITLE_SCALE * rows
             # The prior of a rare code (p ≈ 0.05 at -3): DP-SGD would otherwise spend its first
             # steps walking the biases down from p = 0.5, with noise added on the way.
             head.bias.fill_(self.head_bias_init if self.head_bias_init is not None else 0.0)
@@ -211,8 +230,10 @@ class DPLinearCoder(DPCoder):
         def fetch(indices: list[int]) -> dict[str, torch.Tensor]:
             return {"features": _dense(x[indices]), "labels": targets[indices]}
 
+        learning_rate = self._learning_rate(self._units(train)[1])
         self._train_private(self.model_, fetch, multilabel_summed_losses, train,
-                            torch.optim.SGD(self.model_.parameters(), lr=self.learning_rate, momentum=self.momentum))
+                            torch.optim.SGD(self.model_.parameters(), lr=learning_rate, momentum=self.momentum))
+        self.privacy_["learning_rate"] = learning_rate
         return self
 
     @torch.no_grad()

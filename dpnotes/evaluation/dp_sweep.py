@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -17,18 +17,19 @@ from dpnotes.evaluation.dp_classifier import DEFAULT_EPSILONS, DPCoder, DPLoRACo
 from dpnotes.evaluation.dp_linear import linear_coders
 
 
-def _lora_coders(labels: Sequence[str], **options) -> Callable[[float], DPCoder]:
+def _lora_coders(labels: Sequence[str], titles: Mapping[str, str] | None, **options) -> Callable[[float], DPCoder]:
+    del titles  # LoRA's classifier head starts at 0: the title start is the linear heads'
     return lambda epsilon: DPLoRACoder(epsilon, labels, **options)
 
 
 def _linear_coders(kind: str) -> Callable[..., Callable[[float], DPCoder]]:
-    def make(labels: Sequence[str], **options) -> Callable[[float], DPCoder]:
-        return linear_coders(kind, labels, **options)
+    def make(labels: Sequence[str], titles: Mapping[str, str] | None, **options) -> Callable[[float], DPCoder]:
+        return linear_coders(kind, labels, titles=titles, **options)
 
     return make
 
 
-# name -> (public labels, **options) -> (ε -> coder): one maker per sweep, so the linear coders
+# name -> (public labels, public titles, **options) -> (ε -> coder): one maker per sweep, so the linear coders
 # share one feature map (MiniLM encodes each note once for every ε).
 DP_CODERS: dict[str, Callable[..., Callable[[float], DPCoder]]] = {
     "lora": _lora_coders, "probe": _linear_coders("probe"), "hashed": _linear_coders("hashed"),
@@ -78,12 +79,14 @@ def dp_epsilon_sweep(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     coder: str = "lora",
+    titles: Mapping[str, str] | None = None,
     **coder_options,
 ) -> dict:
     """Train one DP coder per ε over the public `labels`; weighted-F1 (and the rest) on real test
     notes. `coder`: a name of `DP_CODERS` ("lora": DP-LoRA MiniLM; "probe": DP linear probe on
     frozen MiniLM features; "hashed": DP logistic regression on hashed n-grams); `coder_options`
-    go to it. `seed` seeds model initialisation and the bootstrap, never the privacy keys.
+    go to it. `titles` ({code: public title}, `prompting.label_titles`): the linear coders' heads
+    start from them. `seed` seeds model initialisation and the bootstrap, never the privacy keys.
 
     Returns {"by_epsilon": {str(ε): result}, "weighted_f1": {str(ε): value}} where each result is
     `evaluate_coder`'s dict plus "privacy" and "seconds" (fit, predictions and bootstrap; a
@@ -94,7 +97,7 @@ def dp_epsilon_sweep(
     if not epsilons:
         raise ValueError("no epsilon given")
     check_coder(coder)
-    make_coder = DP_CODERS[coder](labels, seed=seed, log=log, **coder_options)
+    make_coder = DP_CODERS[coder](labels, titles, seed=seed, log=log, **coder_options)
     results = {}
     for epsilon in epsilons:
         trained = make_coder(epsilon)

@@ -64,9 +64,10 @@ def real_coder_baseline(splits: dict[str, list[Note]], bootstrap: int) -> dict:
     return evaluate_coder(TfidfCoder(), splits["train"], splits["dev"], splits["test"], n_bootstrap=bootstrap)
 
 
-def dp_coder_baseline(splits: dict[str, list[Note]], labels: list[str], coder: str, epsilon: float, bootstrap: int,
-                      options: dict) -> dict:
-    """One DP coder of kind `coder` trained on the real notes at ε over the public `labels`."""
+def dp_coder_baseline(splits: dict[str, list[Note]], labels: list[str], titles: dict[str, str], coder: str,
+                      epsilon: float, bootstrap: int, options: dict) -> dict:
+    """One DP coder of kind `coder` trained on the real notes at ε over the public `labels` (with
+    their public `titles`)."""
     sweep = dp_epsilon_sweep(splits["train"], splits["dev"], splits["test"], labels, epsilons=[epsilon],
-                             n_bootstrap=bootstrap, coder=coder, log=print, **options)
+                             n_bootstrap=bootstrap, coder=coder, titles=titles, log=print, **options)
     return sweep["by_epsilon"][format_epsilon(epsilon)]

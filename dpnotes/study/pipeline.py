@@ -31,6 +31,7 @@ from dpnotes.digests import digest, source_digest
 from dpnotes.caches import corpus_cache
 from dpnotes.corpus import Note, load_configured_splits
 from dpnotes.corpus.code_lists import public_label_space
+from dpnotes.prompting import label_titles
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
@@ -118,6 +119,11 @@ class Pipeline:
     def labels(self) -> list[str]:
         """The public label space of the corpus (never the codes found in its notes)."""
         return public_label_space(self.config.dp_coder_labels, self.train_config(self.config.epsilons[0]).corpus)
+
+    @functools.cached_property
+    def titles(self) -> dict[str, str]:
+        """The public titles of the labels (the DP linear coders start from them)."""
+        return label_titles(self.labels, self.train_config(self.config.epsilons[0]).corpus)
 
     @property
     def synthetic_count(self) -> int:
@@ -241,8 +247,9 @@ class Pipeline:
             by_epsilon = {}
             for epsilon in c.dp_coder_epsilons or c.epsilons:
                 tag = format_epsilon(epsilon)
-                by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels, dp_coder_code),
-                                         lambda: dp_coder_baseline(self.splits, self.labels, coder, epsilon, c.bootstrap, options))
+                by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels, self.titles, dp_coder_code),
+                                         lambda: dp_coder_baseline(self.splits, self.labels, self.titles, coder, epsilon,
+                                                                   c.bootstrap, options))
             sweeps[coder] = {"by_epsilon": by_epsilon,
                              "weighted_f1": {tag: r["metrics"]["weighted_f1"] for tag, r in by_epsilon.items()}}
         if sweeps:
