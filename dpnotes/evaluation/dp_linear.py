@@ -159,10 +159,11 @@ class DPLinearCoder(DPCoder):
     `transform(texts) -> (n, d)` dense or sparse rows), trained with DP-SGD with momentum.
 
     The head starts as a zero-shot coder built from public knowledge: `titles` ({code: public
-    title}, `prompting.label_titles`) set each titled code's weight row to TITLE_SCALE · φ(title),
+    title}, `prompting.label_titles`) set each titled code's weight row to title_scale · φ(title),
     the feature map of its title, so before any private step a note scores each code by its
     similarity to the code's title (untitled codes start at 0). The private steps then only have
-    to correct that start, which noise permits where learning each row from 0 does not.
+    to correct that start, which noise permits where learning each row from 0 does not. title_scale
+    40 (TITLE_SCALE): see docs/utility.md section 4 for the scales tried.
 
     The defaults were chosen on train/dev data only (test notes never: `bench/dp_coders.py
     --dev-only`, and inner 75/25 splits of the train notes, docs/utility.md section 4):
@@ -178,7 +179,9 @@ class DPLinearCoder(DPCoder):
       accountant already treats as public: q = B/N); past some lr·T it outgrows the fit. So
       lr = LEARNING_RATE · min(1, N·ε / FULL_RATE_UNIT_EPSILON). LEARNING_RATE 50 (lr·C = 5) was the best on
       the 20,000-patient default corpus at ε = 1 (lr·C 2.5 and 10 gave 0.934 and 0.920 against
-      0.944); on CMC-2007 at ε = 10 (N·ε ≈ 7,800) the full rate over-fits the noise.
+      0.944); on CMC-2007 at ε = 10 (N·ε ≈ 7,800) the full rate follows the noise. FULL_RATE_UNIT_EPSILON
+      15,000 keeps that rate where it was chosen; half of it (lr·T = N·ε/2) did as well on the
+      small corpora (CMC-2007 better at ε = 10, MTSamples hashed worse), within their noise.
     * expected_batch_size None: 1024 units, or every unit (q = 1) on corpora of at most 2048
       units. On MTSamples full batches beat q = 0.16 at ε = 10 (0.76 against 0.73), and they keep
       the accountant closed-form, where a subsampled RDP query at q ≈ 0.5 costs ~1.5 s (the engine
@@ -194,10 +197,10 @@ class DPLinearCoder(DPCoder):
     TRAINING = DPTraining(steps=300, expected_batch_size=None, micro_batch_size=512, max_grad_norm=0.1, learning_rate=None)
 
     def __init__(self, epsilon: float, labels: Sequence[str], features: HashedNgramFeatures | FrozenEncoderFeatures,
-                 titles: Mapping[str, str] | None = None, momentum: float = 0.9,
+                 titles: Mapping[str, str] | None = None, title_scale: float = TITLE_SCALE, momentum: float = 0.9,
                  log: Callable[[str], None] | None = None, **training):
         super().__init__(epsilon, labels, clipping="bk", log=log, **training)
-        self.features, self.titles, self.momentum = features, dict(titles or {}), momentum
+        self.features, self.titles, self.title_scale, self.momentum = features, dict(titles or {}), title_scale, momentum
 
     def _expected_batch(self, num_units: int) -> int:
         if self.expected_batch_size is None:
@@ -216,7 +219,7 @@ class DPLinearCoder(DPCoder):
             titled = [row for row, code in enumerate(self.labels) if code in self.titles]
             if titled:
                 rows = _dense(self.features.transform([self.titles[self.labels[row]] for row in titled]))
-                head.weight[titled] = self.TITLE_SCALE * rows
+                head.weight[titled] = self.title_scale * rows
             # The prior of a rare code (p ≈ 0.05 at -3): DP-SGD would otherwise spend its first
             # steps walking the biases down from p = 0.5, with noise added on the way.
             head.bias.fill_(self.head_bias_init if self.head_bias_init is not None else 0.0)
