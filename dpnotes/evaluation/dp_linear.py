@@ -166,7 +166,7 @@ class DPLinearCoder(DPCoder):
     40 (TITLE_SCALE): see docs/utility.md section 4 for the scales tried.
 
     The defaults were chosen on train/dev data only (test notes never: `bench/dp_coders.py
-    --dev-only`, and inner 75/25 splits of the train notes, docs/utility.md section 4):
+    --dev-only`, and `--inner`: partitions of the train split, docs/utility.md section 4):
 
     * SGD with momentum 0.9, not Adam: Adam divides each coordinate by its (noise-dominated) RMS,
       so the many coordinates that carry only noise take full-size steps; with hashed n-grams SGD
