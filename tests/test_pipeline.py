@@ -100,3 +100,39 @@ def test_a_changed_temperature_regenerates_and_reevaluates_without_retraining(st
     assert notes.stat().st_mtime_ns != before  # rewritten (a tiny random model may sample the same words)
     manifest = json.loads((root / "eps_8" / "synthetic" / "manifest.json").read_text())
     assert manifest["sampling"]["temperature"] == 0.5
+
+
+def test_the_memorisation_audit_runs_without_notes_and_joins_the_report(study, tiny_model_dir, tmp_path, capsys):
+    """`audit:` runs a second pipeline (synthetic_count 0: train, merge, exposure and MIA; no
+    generation) into output_dir/audit, and the study's report repeats its exposure table."""
+    config, root, _ = study
+    audit = tmp_path / "audit.yaml"
+    audit.write_text(json.dumps({
+        "train_config": "train/configs/tiny_test.yaml",
+        "train": {"model": str(tiny_model_dir), "canaries": 8, "privacy": {"seed": 1, "steps": 4}},
+        "epsilons": [8.0, math.inf], "synthetic_count": 0, "mia_notes": 10, "canary_candidates": 20,
+        "bootstrap": 0, "dp_coders": [], "report_to": "wandb"}))  # the study's report_to (none) overrides it
+    Pipeline(dataclasses.replace(config, audit=str(audit))).run()
+    out = capsys.readouterr().out
+    audit_log = out.split("audit: memorisation audit of")[1]
+    assert "evaluate eps_8: exposure and MIA (no synthetic notes)" in audit_log and "generate" not in audit_log
+    assert "memorisation audit" in out  # its table in the terminal summary
+    for tag in ("eps_8", "eps_inf"):
+        assert not (root / "audit" / tag / "synthetic").exists()
+        evaluation = json.loads((root / "audit" / tag / "eval.json").read_text())
+        assert evaluation["synthetic_notes"] == 0 and evaluation["coders"] == {}
+        assert "exposure" in evaluation["privacy"] and "membership_inference" in evaluation["privacy"]
+    assert (root / "audit" / "report.md").read_text().startswith("# dpnotes memorisation audit")
+    audit_rows = json.loads((root / "audit" / "report.json").read_text())["runs"]
+    assert all("no synthetic notes yet" not in r["caveats"] for r in audit_rows)  # none were asked for
+    report = (root / "report.md").read_text()
+    assert "## Memorisation audit" in report and "trained canaries ranked 1st" in report
+    assert "audit/privacy_vs_epsilon.png" in report and (root / "audit" / "privacy_vs_epsilon.png").exists()
+    assert not list((root / "audit").glob("wandb"))
+
+
+def test_a_missing_audit_config_is_one_line_before_any_work(tmp_path):
+    from dpnotes.errors import UserError
+
+    with pytest.raises(UserError, match="audit: no pipeline config at nowhere.yaml"):
+        load_pipeline_config(None, [f"output_dir={tmp_path}", "audit=nowhere.yaml"])

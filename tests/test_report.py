@@ -70,7 +70,7 @@ def study(tmp_path):
     write_json(tmp_path / "baselines.json", {"real_tfidf": coder(0.8, [0.7, 0.9]), "dp_coder": sweep(["0.1", "1", "10", "inf"])})
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "notes.jsonl").write_text(json.dumps({"id": "r1", "patient_id": "p1", "text": REAL_TEXT, "codes": ["I10"]}))
-    return tmp_path, SimpleNamespace(epsilons=[1.0, 8.0, INF], report_to="none")
+    return tmp_path, SimpleNamespace(epsilons=[1.0, 8.0, INF], report_to="none", synthetic_count=None, audit=None)
 
 
 def test_report_shows_one_escaped_synthetic_note_per_epsilon(study):

@@ -23,10 +23,11 @@ def _sample(notes: list[Note], count: int, seed: int = 0) -> list[Note]:
 
 def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> dict:
     """Coders trained on the synthetic notes (tested on real), exposure of planted canaries, loss
-    MIA, verbatim leakage and fidelity for the generator in the run's merged/."""
+    MIA, verbatim leakage and fidelity for the generator in the run's merged/. With synthetic_count
+    0 (a memorisation audit) there are no notes: exposure and MIA only."""
     train, dev, test = splits["train"], splits["dev"], splits["test"]
-    synthetic = load_synthetic(run.synthetic)
-    coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap)
+    synthetic = load_synthetic(run.synthetic) if config.synthetic_count != 0 else []
+    coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap) if synthetic else {}
 
     merged = run.merged
     # Scoring in the dtype training computes in: bf16 moves exposures and MIA losses by rounding only.
@@ -53,6 +54,8 @@ def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> di
         members = note_losses(model, tokenizer, _sample(train, config.mia_notes), prompt_of)
         nonmembers = note_losses(model, tokenizer, _sample(test, config.mia_notes), prompt_of)
     privacy["membership_inference"] = membership_inference(members, nonmembers)
+    if not synthetic:
+        return {"coders": coders, "privacy": privacy, "synthetic_notes": 0}
     privacy["verbatim"] = verbatim_leakage([n.text for n in synthetic], [n.text for n in train],
                                            canaries=canary_secrets(train))
     fidelity = fidelity_report(test, synthetic)

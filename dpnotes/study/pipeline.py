@@ -1,5 +1,7 @@
 """The whole study in one command: for each ε of a sweep, train → merge → generate → evaluate,
-then one report (privacy–utility trade-off) locally and to W&B.
+then one report (privacy–utility trade-off) locally and to W&B. With `audit:` a second, small
+pipeline (synthetic_count 0: train → merge → exposure and MIA) runs into output_dir/audit and its
+table joins the report.
 
     dpnotes pipeline --config dpnotes/study/configs/pipeline_demo.yaml
     dpnotes pipeline --config dpnotes/study/configs/pipeline_demo.yaml --only train --epsilon 8
@@ -45,7 +47,7 @@ from dpnotes.training.recipe import train
 from dpnotes.errors import UserError
 
 ROOT = CHECKOUT  # recipe scripts and their configs
-STAGES = ("train", "merge", "generate", "evaluate", "baselines", "report")
+STAGES = ("train", "merge", "generate", "evaluate", "baselines", "audit", "report")
 
 
 @dataclass
@@ -56,7 +58,8 @@ class PipelineConfig:
     epsilons: list[float] = field(default_factory=lambda: [8.0, math.inf])
     launcher: str | None = None  # accelerate config file for multi-process training
     # Synthetic notes per ε: synthetic_count, else synthetic_per_label × the public label space (a coder
-    # needs examples of every label; CMC-2007 has 45 codes, the default corpus 21).
+    # needs examples of every label; CMC-2007 has 45 codes, the default corpus 21). synthetic_count 0:
+    # no generation, and the evaluation is exposure and MIA only (a memorisation audit).
     synthetic_count: int | None = None
     synthetic_per_label: int = 10
     # The settings of `dpnotes generate` (conditioning: dp-marginals, dp-histogram for whole code sets
@@ -73,6 +76,10 @@ class PipelineConfig:
     dp_coder_options: dict[str, DPCoderSettings] = field(default_factory=dict)
     dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     report_to: str = "wandb"
+    # A memorisation audit shown with this study: a pipeline config (a small corpus seen many times,
+    # synthetic_count 0) run into output_dir/audit, whose exposure table this report repeats. The
+    # study's own runs see each patient about once: their exposure cannot show what DP prevents.
+    audit: str | None = None
 
 
 CODER_MODULES = ("dpnotes.evaluation.coders", "dpnotes.evaluation.metrics")
@@ -127,7 +134,13 @@ class Pipeline:
 
     @property
     def synthetic_count(self) -> int:
-        return self.config.synthetic_count or self.config.synthetic_per_label * len(self.labels)
+        if self.config.synthetic_count is not None:
+            return self.config.synthetic_count
+        return self.config.synthetic_per_label * len(self.labels)
+
+    @property
+    def generates(self) -> bool:
+        return self.config.synthetic_count != 0
 
     # ---- stages ----------------------------------------------------------------------------------
     def train(self, epsilon: float) -> dict:
@@ -205,14 +218,16 @@ class Pipeline:
         run = self.run_dir(epsilon)
         c, train = self.config, self.train_config(epsilon)
         # The notes (through their generation key), the data split, the evaluation's own settings and code.
-        key = digest(read_json(run.synthetic / GENERATION_INPUTS)["key"],
+        notes_key = read_json(run.synthetic / GENERATION_INPUTS)["key"] if self.generates else None
+        key = digest(notes_key,
                      (train.corpus, train.corpus_patients, train.canaries, train.split_seed),
                      c.mia_notes, c.canary_candidates, c.bootstrap, source_digest(*EVALUATION_MODULES))
         done = read_json(run.evaluation)
         if done and done.get("inputs_hash") == key:
             log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")
             return done
-        log(f"evaluate {epsilon_tag(epsilon)}: coders on synthetic vs real, exposure, MIA, leakage, fidelity")
+        log(f"evaluate {epsilon_tag(epsilon)}: " + ("coders on synthetic vs real, exposure, MIA, leakage, fidelity"
+                                                    if self.generates else "exposure and MIA (no synthetic notes)"))
         result = evaluate_generator(run, self.splits, self.config)
         result["inputs_hash"] = key
         run.evaluation.write_text(json.dumps(result, indent=2, default=str))
@@ -260,25 +275,40 @@ class Pipeline:
             log("baselines: done, skipped")
         return result
 
+    def audit(self) -> Path:
+        """Runs (or resumes) the memorisation audit of config.audit in output_dir/audit."""
+        path = resolve_config_path(self.config.audit)
+        log(f"audit: memorisation audit of {path} in {self.root / 'audit'}")
+        audit = load_pipeline_config(path, [f"output_dir={self.root / 'audit'}", f"report_to={self.config.report_to}"])
+        return Pipeline(audit).run()
+
     def report(self) -> Path:
         log("report: plots, tables, examples")
         return write_report(self.root, self.config)
 
     def run(self, only: str | None = None, epsilons: list[float] | None = None) -> Path | None:
+        stages = ("train", "merge", "generate", "evaluate") if self.generates else ("train", "merge", "evaluate")
         for epsilon in epsilons or self.config.epsilons:
-            for stage in ("train", "merge", "generate", "evaluate"):
+            for stage in stages:
                 if only in (None, stage):
                     getattr(self, stage)(epsilon)
         if only in (None, "baselines"):
             self.baselines()
+        if self.config.audit and only in (None, "audit"):
+            self.audit()
         if only in (None, "report"):
             return self.report()
         return None
 
 
-def train_config_path(config: PipelineConfig) -> Path:
-    path = Path(config.train_config)
+def resolve_config_path(name: str) -> Path:
+    """A config named relative to the working directory, else to the checkout."""
+    path = Path(name)
     return path if path.exists() else ROOT / path
+
+
+def train_config_path(config: PipelineConfig) -> Path:
+    return resolve_config_path(config.train_config)
 
 
 def pipeline_config(values: dict, origin: Origin | str) -> PipelineConfig:
@@ -290,6 +320,12 @@ def pipeline_config(values: dict, origin: Origin | str) -> PipelineConfig:
     build(TrainConfig, config.train, origin, "train.")
     for coder in {*config.dp_coders, *config.dp_coder_options}:
         config.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
+    if config.audit:
+        audit = resolve_config_path(config.audit)
+        if not audit.is_file():
+            where = origin.of("audit") if isinstance(origin, Origin) else origin
+            raise UserError(f"{where}: audit: no pipeline config at {config.audit}")
+        load_pipeline_config(audit)
     return config
 
 

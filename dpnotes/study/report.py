@@ -96,12 +96,12 @@ def dp_coder_sweeps(baselines: dict) -> dict[str, dict[float, dict]]:
             for name, sweep in sweeps.items() if isinstance(sweep, dict) and sweep.get("by_epsilon")}
 
 
-def _caveats(training: dict, notes_exist: bool, evaluation: dict | None) -> list[str]:
+def _caveats(training: dict, notes_missing: bool, evaluation: dict | None) -> list[str]:
     """What a row of the table is missing or qualified by, in words."""
     caveats = [] if training else ["not trained yet"]
     if training.get("private") is False:
         caveats.append(training.get("note", "not private"))
-    if not notes_exist:
+    if notes_missing:
         caveats.append("no synthetic notes yet")
     if evaluation is None:
         caveats.append("not evaluated yet")
@@ -110,8 +110,9 @@ def _caveats(training: dict, notes_exist: bool, evaluation: dict | None) -> list
     return caveats
 
 
-def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | None) -> dict:
-    """Every number the report shows for one generator ε; None where a stage has not run."""
+def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | None, generates: bool = True) -> dict:
+    """Every number the report shows for one generator ε; None where a stage has not run.
+    `generates` False: a memorisation audit, which writes no notes."""
     training = _read(run.privacy_report) or {}
     manifest = _read(run.synthetic / MANIFEST) or {}
     coders, privacy = (evaluation or {}).get("coders", {}), (evaluation or {}).get("privacy", {})
@@ -136,6 +137,7 @@ def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | 
         "mean_member_exposure": exposure.get("mean_member_exposure"),
         "mean_nonmember_exposure": exposure.get("mean_nonmember_exposure"),
         "member_exposures": [r["exposure"] for r in per_canary if r.get("member") is True],
+        "members_ranked_first": sum(r.get("rank") == 1 for r in per_canary if r.get("member") is True),
         "nonmember_exposures": [r["exposure"] for r in per_canary if r.get("member") is False],
         "max_exposure": exposure.get("max_exposure"),
         "max_possible_exposure": exposure.get("max_possible_exposure"),
@@ -145,11 +147,11 @@ def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | 
         "tokens_per_second": manifest.get("tokens_per_second"),
         "generation_backend": manifest.get("backend"),
         "run_dir": str(run.root),
-        "caveats": _caveats(training, (run.synthetic / NOTES).exists(), evaluation),
+        "caveats": _caveats(training, generates and not (run.synthetic / NOTES).exists(), evaluation),
     }
 
 
-def collect(root: Path, epsilons: list[float]) -> dict:
+def collect(root: Path, epsilons: list[float], generates: bool = True) -> dict:
     """One row per generator ε, the baselines, and a note for each study-wide piece that is missing."""
     baselines = _read(root / "baselines.json") or {}
     evaluations = {epsilon: _read(RunDir(root / epsilon_tag(epsilon)).evaluation) for epsilon in epsilons}
@@ -159,7 +161,8 @@ def collect(root: Path, epsilons: list[float]) -> dict:
         missing.append("No coder trained on real notes yet (baselines not run, nothing evaluated): no reference line or ratio.")
     if not dp_coder_sweeps(baselines):
         missing.append("No DP coder baseline (dp_coder: false, or baselines not run yet).")
-    return {"runs": [run_row(epsilon, RunDir(root / epsilon_tag(epsilon)), evaluations[epsilon], real) for epsilon in epsilons],
+    return {"runs": [run_row(epsilon, RunDir(root / epsilon_tag(epsilon)), evaluations[epsilon], real, generates)
+                     for epsilon in epsilons],
             "real_coder": {"micro_f1": real[0], "ci": real[1]} if real else None,
             "baselines": baselines, "missing": missing}
 
@@ -380,6 +383,33 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return SUMMARY_HEADER, rows
 
 
+AUDIT_HEADER = ["ε (target)", "ε spent", "σ", "steps", "sampling rate q", "exposure: trained canaries (mean bits)",
+                "trained canaries ranked 1st", "exposure: held-out canaries (mean bits)", "max measurable exposure (bits)",
+                "MIA AUC (0.5 = chance)", "caveats"]
+
+
+def audit_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The memorisation audit per ε: how far the trained canaries stand out from chance."""
+    rows = [[_fmt(r["target_epsilon"]), _fmt(r["epsilon_spent"]), _fmt(r["noise_multiplier"]), _fmt(r["steps"]),
+             _fmt(r["sample_rate"]), _fmt(r["mean_member_exposure"]),
+             f"{r.get('members_ranked_first', 0)} / {len(r['member_exposures'])}" if r["member_exposures"] else "–",
+             _fmt(r["mean_nonmember_exposure"]), _fmt(r["max_possible_exposure"]), _fmt(r["mia_auc"]), "; ".join(r["caveats"])]
+            for r in runs]
+    return AUDIT_HEADER, rows
+
+
+AUDIT_INTRO = (
+    "The runs above see each patient about once, too rarely for any model to memorise. The audit trains "
+    "the same model on a small corpus seen many times (`audit` in the pipeline config; run folder audit/), "
+    "with and without DP, and measures how far its planted canaries stand out from {n} random candidates."
+)
+AUDIT_ONLY_INTRO = (
+    "A memorisation audit: no synthetic notes, only how far the planted canaries of the training patients "
+    "stand out from random candidates (exposure in bits, from 0 to log2(candidates + 1); held-out canaries "
+    "were never trained on and show chance) and a loss membership-inference attack (AUC 0.5 = chance)."
+)
+
+
 def dp_coder_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     header = ["coder", "ε (target)", "ε spent", "micro-F1 [95 % CI]", "÷ real-trained coder", "caveats"]
     rows = []
@@ -396,6 +426,8 @@ def dp_coder_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 def document(summary: dict, drawn: dict[str, Path], samples: dict[str, dict]) -> list[tuple]:
     """The report as blocks ("h1"/"h2"/"p", text), ("table", header, rows), ("img", src, alt),
     ("pre", text), rendered by `_markdown` and `_html`."""
+    if not summary.get("generates", True):
+        return audit_document(summary, drawn)
     real = _real_point(summary)
     blocks = [("h1", "dpnotes study report"), ("p", INTRO), ("table", *summary_table(summary)),
               ("p", f"Coder trained on the real notes (no DP): micro-F1 {_fmt_ci(*real) if real else '–'}.")]
@@ -407,8 +439,24 @@ def document(summary: dict, drawn: dict[str, Path], samples: dict[str, dict]) ->
     blocks.append(("h2", "One synthetic note per ε (generated, not real)"))
     for label, note in samples.items():
         blocks += [("p", f"ε = {label} · {note['id']} · codes: {', '.join(note['codes']) or 'none'}"), ("pre", note["text"])]
+    if summary.get("audit"):
+        audit = summary["audit"]
+        blocks += [("h2", "Memorisation audit (a small corpus seen many times)"),
+                   ("p", AUDIT_INTRO.format(n=audit.get("candidates") or "random")), ("table", *audit_table(audit["runs"]))]
+        if audit.get("figure"):
+            blocks += [("img", audit["figure"], "Memorisation audit: canary exposure and loss MIA."),
+                       ("p", "Memorisation audit: canary exposure and loss MIA.")]
     if summary["missing"]:
         blocks += [("h2", "Missing pieces"), *(("p", text) for text in summary["missing"])]
+    return blocks
+
+
+def audit_document(summary: dict, drawn: dict[str, Path]) -> list[tuple]:
+    """The report of a pipeline that writes no notes (synthetic_count 0): the audit table and figures."""
+    blocks = [("h1", "dpnotes memorisation audit"), ("p", AUDIT_ONLY_INTRO), ("table", *audit_table(summary["runs"]))]
+    for name in ("privacy_vs_epsilon", "epsilon_vs_steps"):
+        if name in drawn:
+            blocks += [("img", drawn[name].name, FIGURE_CAPTIONS[name]), ("p", FIGURE_CAPTIONS[name])]
     return blocks
 
 
@@ -458,9 +506,25 @@ def _html(blocks: list[tuple]) -> str:
             f"<body>\n" + "\n".join(body) + "\n</body>")
 
 
+def audit_summary(root: Path) -> dict | None:
+    """The audit's rows from its own report (audit/report.json), with its exposure figure."""
+    report = _read(root / "audit" / "report.json")
+    if not report:
+        return None
+    candidates = {2 ** r["max_possible_exposure"] - 1 for r in report["runs"] if r.get("max_possible_exposure")}
+    figure = root / "audit" / "privacy_vs_epsilon.png"
+    return {"runs": report["runs"], "candidates": round(candidates.pop()) if len(candidates) == 1 else None,
+            "figure": "audit/privacy_vs_epsilon.png" if figure.exists() else None}
+
+
 def write_report(root: Path, config) -> Path:
     root = Path(root)
-    summary = collect(root, config.epsilons)
+    generates = config.synthetic_count != 0
+    summary = {**collect(root, config.epsilons, generates), "generates": generates}
+    if config.audit:
+        summary["audit"] = audit_summary(root)
+        if not summary["audit"]:
+            summary["missing"].append("The memorisation audit has not run yet.")
     drawn = {name: _save(fig, root / f"{name}.png") for name, fig in figures(summary).items()}
     samples = examples(root, config.epsilons)
     (root / "report.json").write_text(json.dumps({**summary, "examples": samples}, indent=2, default=str))
@@ -505,11 +569,19 @@ def _print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    header, rows = summary_table(summary)
-    keep = [header.index(column) for column in TERMINAL_COLUMNS]
-    table = Table(title="dpnotes study")
-    for column in TERMINAL_COLUMNS.values():
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(row[i] for i in keep))
-    Console().print(table)
+    def printed(title: str, header: list[str], rows: list[list[str]]) -> Table:
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        return table
+
+    console = Console()
+    if summary.get("generates", True):
+        header, rows = summary_table(summary)
+        keep = [header.index(column) for column in TERMINAL_COLUMNS]
+        console.print(printed("dpnotes study", list(TERMINAL_COLUMNS.values()), [[row[i] for i in keep] for row in rows]))
+    audit = summary["runs"] if not summary.get("generates", True) else (summary.get("audit") or {}).get("runs")
+    if audit:
+        console.print(printed("memorisation audit (a small corpus seen many times)", *audit_table(audit)))
