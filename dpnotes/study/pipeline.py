@@ -78,7 +78,7 @@ class PipelineConfig:
     report_to: str = "wandb"
     # A memorisation audit shown with this study: a pipeline config (a small corpus seen many times,
     # synthetic_count 0) run into output_dir/audit, whose exposure table this report repeats. The
-    # study's own runs see each patient about once: their exposure cannot show what DP prevents.
+    # study's own runs see each patient a few times at most: their exposure cannot show what DP prevents.
     audit: str | None = None
 
 

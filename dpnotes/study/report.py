@@ -399,7 +399,7 @@ def audit_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 AUDIT_INTRO = (
-    "The runs above see each patient about once, too rarely for any model to memorise. The audit trains "
+    "The runs above see each patient at most a few times, too rarely for any model to memorise. The audit trains "
     "the same model on a small corpus seen many times (`audit` in the pipeline config; run folder audit/), "
     "with and without DP, and measures how far its planted canaries stand out from {n} random candidates."
 )
@@ -565,6 +565,11 @@ TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent by the weights": "ε spent", 
                     "caveats": "caveats"}
 
 
+AUDIT_TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent": "ε spent", "exposure: trained canaries (mean bits)": "exposure trained",
+                          "trained canaries ranked 1st": "ranked 1st", "exposure: held-out canaries (mean bits)": "exposure held-out",
+                          "max measurable exposure (bits)": "max", "MIA AUC (0.5 = chance)": "MIA AUC", "caveats": "caveats"}
+
+
 def _print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -584,4 +589,7 @@ def _print_summary(summary: dict) -> None:
         console.print(printed("dpnotes study", list(TERMINAL_COLUMNS.values()), [[row[i] for i in keep] for row in rows]))
     audit = summary["runs"] if not summary.get("generates", True) else (summary.get("audit") or {}).get("runs")
     if audit:
-        console.print(printed("memorisation audit (a small corpus seen many times)", *audit_table(audit)))
+        header, rows = audit_table(audit)
+        keep = [header.index(column) for column in AUDIT_TERMINAL_COLUMNS]
+        console.print(printed("memorisation audit (a small corpus seen many times)", list(AUDIT_TERMINAL_COLUMNS.values()),
+                              [[row[i] for i in keep] for row in rows]))
