@@ -72,6 +72,7 @@ class RunDir:
 PRIVACY_REPORT = "privacy_report.json"  # beside every trained or merged model
 NOTES = "notes.jsonl"  # in a synthetic/ folder: one note per line, written as generated
 MANIFEST = "manifest.json"  # in a synthetic/ folder: provenance, ε, sampling
+AUDIT_DIR = "audit"  # in a study's output_dir: the run folder of its memorisation audit (pipeline `audit:`)
 
 
 def load_synthetic(folder: Path) -> list[Note]:

@@ -114,6 +114,8 @@ def test_the_memorisation_audit_runs_without_notes_and_joins_the_report(study, t
         "bootstrap": 0, "dp_coders": [], "report_to": "wandb"}))  # the study's report_to (none) overrides it
     Pipeline(dataclasses.replace(config, audit=str(audit))).run()
     out = capsys.readouterr().out
+    assert out.count("memorisation audit (a small corpus seen many times)") == 1  # the study's summary, not the audit's too
+    assert not (root / "audit" / "baselines").exists()  # an audit trains no coder
     audit_log = out.split("audit: memorisation audit of")[1]
     assert "evaluate eps_8: exposure and MIA (no synthetic notes)" in audit_log and "generate" not in audit_log
     assert "memorisation audit" in out  # its table in the terminal summary
@@ -126,13 +128,35 @@ def test_the_memorisation_audit_runs_without_notes_and_joins_the_report(study, t
     audit_rows = json.loads((root / "audit" / "report.json").read_text())["runs"]
     assert all("no synthetic notes yet" not in r["caveats"] for r in audit_rows)  # none were asked for
     report = (root / "report.md").read_text()
-    assert "## Memorisation audit" in report and "trained canaries ranked 1st" in report
+    assert "## Memorisation audit" in report and "trained canaries ranked 1st (ties count)" in report
     assert "audit/privacy_vs_epsilon.png" in report and (root / "audit" / "privacy_vs_epsilon.png").exists()
     assert not list((root / "audit").glob("wandb"))
 
+    # Another trained model is evaluated again: with no notes, the key holds the training's hash.
+    audit_pipeline = Pipeline(load_pipeline_config(audit, [f"output_dir={root / 'audit'}", "report_to=none"]))
+    audit_pipeline.evaluate(8.0)
+    assert "evaluate eps_8: done, skipped" in capsys.readouterr().out
+    report = root / "audit" / "eps_8" / "privacy_report.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "config_hash": "another training"}))
+    audit_pipeline.evaluate(8.0)
+    assert "evaluate eps_8: exposure and MIA" in capsys.readouterr().out
 
-def test_a_missing_audit_config_is_one_line_before_any_work(tmp_path):
+
+def test_bad_audit_and_count_settings_are_one_line_before_any_work(tmp_path):
     from dpnotes.errors import UserError
 
     with pytest.raises(UserError, match="audit: no pipeline config at nowhere.yaml"):
         load_pipeline_config(None, [f"output_dir={tmp_path}", "audit=nowhere.yaml"])
+    with pytest.raises(UserError, match="synthetic_count must be ≥ 0"):
+        load_pipeline_config(None, [f"output_dir={tmp_path}", "synthetic_count=-1"])
+    with pytest.raises(UserError, match="synthetic_per_label must be ≥ 1"):
+        load_pipeline_config(None, [f"output_dir={tmp_path}", "synthetic_per_label=0"])
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(json.dumps({"synthetic_count": 0, "audit": str(second)}))
+    second.write_text(json.dumps({"synthetic_count": 0, "audit": str(first)}))
+    with pytest.raises(UserError, match="cannot name an audit of its own"):  # a cycle, not a RecursionError
+        load_pipeline_config(first)
+    generating = tmp_path / "generating.yaml"
+    generating.write_text(json.dumps({"synthetic_count": 5}))
+    with pytest.raises(UserError, match="an audit config writes no notes"):
+        load_pipeline_config(None, [f"output_dir={tmp_path}", f"audit={generating}"])

@@ -70,7 +70,7 @@ def study(tmp_path):
     write_json(tmp_path / "baselines.json", {"real_tfidf": coder(0.8, [0.7, 0.9]), "dp_coder": sweep(["0.1", "1", "10", "inf"])})
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "notes.jsonl").write_text(json.dumps({"id": "r1", "patient_id": "p1", "text": REAL_TEXT, "codes": ["I10"]}))
-    return tmp_path, SimpleNamespace(epsilons=[1.0, 8.0, INF], report_to="none", synthetic_count=None, audit=None)
+    return tmp_path, SimpleNamespace(epsilons=[1.0, 8.0, INF], report_to="none", generates=True, audit=None)
 
 
 def test_report_shows_one_escaped_synthetic_note_per_epsilon(study):
@@ -176,3 +176,23 @@ def test_example_note_is_the_median_length_one_and_skips_a_torn_line(tmp_path):
     path.write_text("\n".join(lines) + '\n{"id": "torn", "te')
     assert example_note(path)["id"] == "n2"
     assert example_note(tmp_path / "absent.jsonl") is None
+
+
+def test_chance_exposure_is_the_mean_over_uniform_ranks():
+    from dpnotes.study.report import chance_exposure
+
+    n = 100
+    top = math.log2(n + 1)
+    brute = sum(top - math.log2(rank) for rank in range(1, n + 2)) / (n + 1)
+    assert chance_exposure(top) == pytest.approx(brute)
+    assert 1.3 < chance_exposure(top) < 1.45
+
+
+def test_audit_intro_reads_the_sampling_from_the_runs():
+    from dpnotes.study.report import audit_intro
+
+    main = [{"sample_rate": 0.02, "steps": 12, "max_possible_exposure": math.log2(101)}]
+    audit = [{"sample_rate": 0.625, "steps": 20, "max_possible_exposure": math.log2(101)}]
+    text = audit_intro(main, audit)
+    assert "about 0.24 times" in text and "about 12 times" in text and "100 random candidates" in text
+    assert "random random" not in audit_intro(None, [{"sample_rate": None, "steps": None, "max_possible_exposure": None}])

@@ -8,6 +8,7 @@ import random
 import torch
 
 from dpnotes.corpus import Note, canary_secrets
+from dpnotes.errors import UserError
 from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets, evaluate_coder
 from dpnotes.evaluation.fidelity import fidelity_report
 from dpnotes.evaluation.leakage import canary_contexts, canary_exposure, membership_inference, note_losses, verbatim_leakage
@@ -26,7 +27,9 @@ def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> di
     MIA, verbatim leakage and fidelity for the generator in the run's merged/. With synthetic_count
     0 (a memorisation audit) there are no notes: exposure and MIA only."""
     train, dev, test = splits["train"], splits["dev"], splits["test"]
-    synthetic = load_synthetic(run.synthetic) if config.synthetic_count != 0 else []
+    synthetic = load_synthetic(run.synthetic) if config.generates else []
+    if config.generates and not synthetic:
+        raise UserError(f"{run.synthetic}: no synthetic notes to evaluate (generation wrote none)")
     coders = compare_train_sets(TfidfCoder, train, synthetic, dev, test, n_bootstrap=config.bootstrap) if synthetic else {}
 
     merged = run.merged
@@ -54,7 +57,7 @@ def evaluate_generator(run: RunDir, splits: dict[str, list[Note]], config) -> di
         members = note_losses(model, tokenizer, _sample(train, config.mia_notes), prompt_of)
         nonmembers = note_losses(model, tokenizer, _sample(test, config.mia_notes), prompt_of)
     privacy["membership_inference"] = membership_inference(members, nonmembers)
-    if not synthetic:
+    if not config.generates:
         return {"coders": coders, "privacy": privacy, "synthetic_notes": 0}
     privacy["verbatim"] = verbatim_leakage([n.text for n in synthetic], [n.text for n in train],
                                            canaries=canary_secrets(train))

@@ -3,13 +3,14 @@
 ε ∈ {8, ∞}: DP-LoRA fine-tuning of SmolLM2-135M → merge → 6 synthetic notes per public label,
 prompted with the codes' titles and conditioned on DP-released code statistics → coders on them,
 a DP coder on the real notes, canary exposure, membership inference, leakage; then a memorisation
-audit (the same model on 20 patients seen ~10 times, ε = 8 vs ∞, canaries-only) → report. Re-running
+audit (the same model on 20 patients seen ~12 times, ε = 8 vs ∞, canaries-only) → report. Re-running
 skips finished stages and resumes an interrupted one. `make study` runs the full ε grid on three
 corpora (docs/results.md).
 
     dpnotes demo
     dpnotes demo --real ../shared/data/mtsamples.csv
-    dpnotes demo train.privacy.steps=6 "epsilons=[8]"
+    dpnotes demo train.privacy.steps=6 "epsilons=[8]"     # overrides reach the main runs, not the audit
+    dpnotes demo audit=null                                # without the memorisation audit
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: float | None) -> list[str]:
     root = Path(config.output_dir)
-    summary = collect(root, [] if part.only == "baselines" else config.epsilons)
+    summary = collect(root, [] if part.only == "baselines" else config.epsilons, config.generates)
     baselines = summary["baselines"]
     real = baselines.get("real_tfidf")
     lines = [f"## {part.title or name}", "",

@@ -40,7 +40,7 @@ from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, rea
 from dpnotes.generation.backends import resolve_backend
 from dpnotes.generation.merge import merge_run
 from dpnotes.generation.synthesize import GenerationConfig, conditioning_for, read_done, synthesize
-from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag
+from dpnotes.runs import AUDIT_DIR, MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag
 from dpnotes.study.report import write_report
 from dpnotes.training.config import TrainConfig
 from dpnotes.training.recipe import train
@@ -80,6 +80,11 @@ class PipelineConfig:
     # synthetic_count 0) run into output_dir/audit, whose exposure table this report repeats. The
     # study's own runs see each patient a few times at most: their exposure cannot show what DP prevents.
     audit: str | None = None
+
+    @property
+    def generates(self) -> bool:
+        """False for a memorisation audit (synthetic_count 0): no notes, exposure and MIA only."""
+        return self.synthetic_count != 0
 
 
 CODER_MODULES = ("dpnotes.evaluation.coders", "dpnotes.evaluation.metrics")
@@ -137,10 +142,6 @@ class Pipeline:
         if self.config.synthetic_count is not None:
             return self.config.synthetic_count
         return self.config.synthetic_per_label * len(self.labels)
-
-    @property
-    def generates(self) -> bool:
-        return self.config.synthetic_count != 0
 
     # ---- stages ----------------------------------------------------------------------------------
     def train(self, epsilon: float) -> dict:
@@ -218,8 +219,10 @@ class Pipeline:
         run = self.run_dir(epsilon)
         c, train = self.config, self.train_config(epsilon)
         # The notes (through their generation key), the data split, the evaluation's own settings and code.
-        notes_key = read_json(run.synthetic / GENERATION_INPUTS)["key"] if self.generates else None
-        key = digest(notes_key,
+        # An audit has no notes: the trained model enters through its training key.
+        model_key = (read_json(run.synthetic / GENERATION_INPUTS)["key"] if c.generates
+                     else read_json(run.privacy_report)["config_hash"])
+        key = digest(model_key,
                      (train.corpus, train.corpus_patients, train.canaries, train.split_seed),
                      c.mia_notes, c.canary_candidates, c.bootstrap, source_digest(*EVALUATION_MODULES))
         done = read_json(run.evaluation)
@@ -227,7 +230,7 @@ class Pipeline:
             log(f"evaluate {epsilon_tag(epsilon)}: done, skipped")
             return done
         log(f"evaluate {epsilon_tag(epsilon)}: " + ("coders on synthetic vs real, exposure, MIA, leakage, fidelity"
-                                                    if self.generates else "exposure and MIA (no synthetic notes)"))
+                                                    if c.generates else "exposure and MIA (no synthetic notes)"))
         result = evaluate_generator(run, self.splits, self.config)
         result["inputs_hash"] = key
         run.evaluation.write_text(json.dumps(result, indent=2, default=str))
@@ -278,26 +281,27 @@ class Pipeline:
     def audit(self) -> Path:
         """Runs (or resumes) the memorisation audit of config.audit in output_dir/audit."""
         path = resolve_config_path(self.config.audit)
-        log(f"audit: memorisation audit of {path} in {self.root / 'audit'}")
-        audit = load_pipeline_config(path, [f"output_dir={self.root / 'audit'}", f"report_to={self.config.report_to}"])
-        return Pipeline(audit).run()
+        log(f"audit: memorisation audit of {path} in {self.root / AUDIT_DIR}")
+        audit = load_pipeline_config(path, [f"output_dir={self.root / AUDIT_DIR}", f"report_to={self.config.report_to}"])
+        return Pipeline(audit).run(terminal=False)  # this report prints its table
 
-    def report(self) -> Path:
+    def report(self, terminal: bool = True) -> Path:
         log("report: plots, tables, examples")
-        return write_report(self.root, self.config)
+        return write_report(self.root, self.config, terminal)
 
-    def run(self, only: str | None = None, epsilons: list[float] | None = None) -> Path | None:
-        stages = ("train", "merge", "generate", "evaluate") if self.generates else ("train", "merge", "evaluate")
+    def run(self, only: str | None = None, epsilons: list[float] | None = None, terminal: bool = True) -> Path | None:
+        generates = self.config.generates
+        stages = ("train", "merge", "generate", "evaluate") if generates else ("train", "merge", "evaluate")
         for epsilon in epsilons or self.config.epsilons:
             for stage in stages:
                 if only in (None, stage):
                     getattr(self, stage)(epsilon)
-        if only in (None, "baselines"):
+        if generates and only in (None, "baselines"):  # an audit trains no coder
             self.baselines()
         if self.config.audit and only in (None, "audit"):
             self.audit()
         if only in (None, "report"):
-            return self.report()
+            return self.report(terminal)
         return None
 
 
@@ -320,12 +324,24 @@ def pipeline_config(values: dict, origin: Origin | str) -> PipelineConfig:
     build(TrainConfig, config.train, origin, "train.")
     for coder in {*config.dp_coders, *config.dp_coder_options}:
         config.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
+
+    def where(key: str) -> str:
+        return origin.of(key) if isinstance(origin, Origin) else origin
+
+    if config.synthetic_count is not None and config.synthetic_count < 0:
+        raise UserError(f"{where('synthetic_count')}: synthetic_count must be ≥ 0 (0: an audit, no notes), got {config.synthetic_count}")
+    if config.synthetic_per_label < 1:
+        raise UserError(f"{where('synthetic_per_label')}: synthetic_per_label must be ≥ 1, got {config.synthetic_per_label}")
     if config.audit:
-        audit = resolve_config_path(config.audit)
-        if not audit.is_file():
-            where = origin.of("audit") if isinstance(origin, Origin) else origin
-            raise UserError(f"{where}: audit: no pipeline config at {config.audit}")
-        load_pipeline_config(audit)
+        path = resolve_config_path(config.audit)
+        if not path.is_file():
+            raise UserError(f"{where('audit')}: audit: no pipeline config at {config.audit}")
+        values, audit_origin = read_with_overrides(path, [])
+        if values.get("audit"):  # checked before loading it: a cycle would recurse
+            raise UserError(f"{path}: an audit config cannot name an audit of its own (audit: null)")
+        audit = pipeline_config(values, audit_origin)
+        if audit.generates:
+            raise UserError(f"{path}: an audit config writes no notes (synthetic_count: 0)")
     return config
 
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from dpnotes.runs import MANIFEST, NOTES, RunDir, epsilon_tag
+from dpnotes.runs import AUDIT_DIR, MANIFEST, NOTES, RunDir, epsilon_tag
 from dpnotes.privacy.accounting import compute_epsilon
 
 INF_GAP = 10  # ε = ∞ is drawn this factor right of the largest finite ε (one decade on the log axis)
@@ -137,11 +137,13 @@ def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | 
         "mean_member_exposure": exposure.get("mean_member_exposure"),
         "mean_nonmember_exposure": exposure.get("mean_nonmember_exposure"),
         "member_exposures": [r["exposure"] for r in per_canary if r.get("member") is True],
-        "members_ranked_first": sum(r.get("rank") == 1 for r in per_canary if r.get("member") is True),
+        "members_ranked_first": sum(r.get("rank") == 1 for r in per_canary if r.get("member") is True) if per_canary else None,
         "nonmember_exposures": [r["exposure"] for r in per_canary if r.get("member") is False],
         "max_exposure": exposure.get("max_exposure"),
         "max_possible_exposure": exposure.get("max_possible_exposure"),
         "mia_auc": privacy.get("membership_inference", {}).get("auc"),
+        "mia_notes": [privacy["membership_inference"].get("n_members"), privacy["membership_inference"].get("n_nonmembers")]
+        if "membership_inference" in privacy else None,
         "canaries_in_synthetic": privacy.get("verbatim", {}).get("canaries", {}).get("identifier_in_output"),
         "max_verbatim_words": privacy.get("verbatim", {}).get("lcs_words", {}).get("max"),
         "tokens_per_second": manifest.get("tokens_per_second"),
@@ -384,30 +386,57 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 AUDIT_HEADER = ["ε (target)", "ε spent", "σ", "steps", "sampling rate q", "exposure: trained canaries (mean bits)",
-                "trained canaries ranked 1st", "exposure: held-out canaries (mean bits)", "max measurable exposure (bits)",
-                "MIA AUC (0.5 = chance)", "caveats"]
+                "trained canaries ranked 1st (ties count)", "exposure: held-out canaries (mean bits)",
+                "max measurable exposure (bits)", "MIA AUC (0.5 = chance)", "MIA notes (members / non-members)", "caveats"]
 
 
 def audit_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The memorisation audit per ε: how far the trained canaries stand out from chance."""
     rows = [[_fmt(r["target_epsilon"]), _fmt(r["epsilon_spent"]), _fmt(r["noise_multiplier"]), _fmt(r["steps"]),
              _fmt(r["sample_rate"]), _fmt(r["mean_member_exposure"]),
-             f"{r.get('members_ranked_first', 0)} / {len(r['member_exposures'])}" if r["member_exposures"] else "–",
-             _fmt(r["mean_nonmember_exposure"]), _fmt(r["max_possible_exposure"]), _fmt(r["mia_auc"]), "; ".join(r["caveats"])]
+             f"{r['members_ranked_first']} / {len(r['member_exposures'])}" if r.get("members_ranked_first") is not None else "–",
+             _fmt(r["mean_nonmember_exposure"]), _fmt(r["max_possible_exposure"]), _fmt(r["mia_auc"]),
+             " / ".join(_fmt(n) for n in r["mia_notes"]) if r.get("mia_notes") else "–", "; ".join(r["caveats"])]
             for r in runs]
     return AUDIT_HEADER, rows
 
 
-AUDIT_INTRO = (
-    "The runs above see each patient at most a few times, too rarely for any model to memorise. The audit trains "
-    "the same model on a small corpus seen many times (`audit` in the pipeline config; run folder audit/), "
-    "with and without DP, and measures how far its planted canaries stand out from {n} random candidates."
-)
-AUDIT_ONLY_INTRO = (
-    "A memorisation audit: no synthetic notes, only how far the planted canaries of the training patients "
-    "stand out from random candidates (exposure in bits, from 0 to log2(candidates + 1); held-out canaries "
-    "were never trained on and show chance) and a loss membership-inference attack (AUC 0.5 = chance)."
-)
+def chance_exposure(max_exposure: float) -> float:
+    """Mean exposure of a canary the model never saw: its rank uniform among the n + 1 candidates,
+    log2(n + 1) − E[log2 rank] (about 1.4 bits for any large n)."""
+    n_plus_1 = round(2 ** max_exposure)
+    return max_exposure - math.lgamma(n_plus_1 + 1) / math.log(2) / n_plus_1
+
+
+def _passes(runs: list[dict]) -> float | None:
+    """Expected times each unit is sampled (q × steps), the most over the runs."""
+    passes = [r["sample_rate"] * r["steps"] for r in runs if r.get("sample_rate") and r.get("steps")]
+    return max(passes) if passes else None
+
+
+def _exposure_scale(runs: list[dict]) -> str:
+    tops = {r["max_possible_exposure"] for r in runs if r.get("max_possible_exposure")}
+    if len(tops) != 1:
+        return "exposure is in bits from 0 to log2(candidates + 1), chance about 1.4 bits"
+    top = tops.pop()
+    return (f"exposure is in bits from 0 to {top:.3g} ({round(2 ** top) - 1} random candidates); a canary the model "
+            f"never saw scores {chance_exposure(top):.2g} bits on average")
+
+
+def audit_intro(main_runs: list[dict] | None, audit_runs: list[dict]) -> str:
+    """What the audit measures, with the sampling of both studies read from their runs."""
+    main, audit = _passes(main_runs or []), _passes(audit_runs)
+    text = "A memorisation audit: no synthetic notes. "
+    if main_runs is not None:
+        seen = f"about {main:.2g} times in expectation" if main is not None else "a number of times not yet known"
+        text = f"The runs above sample each privacy unit {seen}. The audit "
+    else:
+        text += "It "
+    text += (f"trains on a small corpus with planted canaries, each unit sampled "
+             f"{f'about {audit:.2g} times' if audit is not None else 'many times'}, and measures how far the trained "
+             f"canaries stand out from random candidates: {_exposure_scale(audit_runs)}. Held-out canaries, never "
+             "trained on, show chance as measured. A loss membership-inference AUC of 0.5 is chance.")
+    return text
 
 
 def dp_coder_table(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -442,7 +471,7 @@ def document(summary: dict, drawn: dict[str, Path], samples: dict[str, dict]) ->
     if summary.get("audit"):
         audit = summary["audit"]
         blocks += [("h2", "Memorisation audit (a small corpus seen many times)"),
-                   ("p", AUDIT_INTRO.format(n=audit.get("candidates") or "random")), ("table", *audit_table(audit["runs"]))]
+                   ("p", audit_intro(summary["runs"], audit["runs"])), ("table", *audit_table(audit["runs"]))]
         if audit.get("figure"):
             blocks += [("img", audit["figure"], "Memorisation audit: canary exposure and loss MIA."),
                        ("p", "Memorisation audit: canary exposure and loss MIA.")]
@@ -453,7 +482,7 @@ def document(summary: dict, drawn: dict[str, Path], samples: dict[str, dict]) ->
 
 def audit_document(summary: dict, drawn: dict[str, Path]) -> list[tuple]:
     """The report of a pipeline that writes no notes (synthetic_count 0): the audit table and figures."""
-    blocks = [("h1", "dpnotes memorisation audit"), ("p", AUDIT_ONLY_INTRO), ("table", *audit_table(summary["runs"]))]
+    blocks = [("h1", "dpnotes memorisation audit"), ("p", audit_intro(None, summary["runs"])), ("table", *audit_table(summary["runs"]))]
     for name in ("privacy_vs_epsilon", "epsilon_vs_steps"):
         if name in drawn:
             blocks += [("img", drawn[name].name, FIGURE_CAPTIONS[name]), ("p", FIGURE_CAPTIONS[name])]
@@ -508,19 +537,17 @@ def _html(blocks: list[tuple]) -> str:
 
 def audit_summary(root: Path) -> dict | None:
     """The audit's rows from its own report (audit/report.json), with its exposure figure."""
-    report = _read(root / "audit" / "report.json")
+    report = _read(root / AUDIT_DIR / "report.json")
     if not report:
         return None
-    candidates = {2 ** r["max_possible_exposure"] - 1 for r in report["runs"] if r.get("max_possible_exposure")}
-    figure = root / "audit" / "privacy_vs_epsilon.png"
-    return {"runs": report["runs"], "candidates": round(candidates.pop()) if len(candidates) == 1 else None,
-            "figure": "audit/privacy_vs_epsilon.png" if figure.exists() else None}
+    figure = root / AUDIT_DIR / "privacy_vs_epsilon.png"
+    return {"runs": report["runs"], "figure": f"{AUDIT_DIR}/{figure.name}" if figure.exists() else None}
 
 
-def write_report(root: Path, config) -> Path:
+def write_report(root: Path, config, terminal: bool = True) -> Path:
+    """report.html/.md/.json and figures in root, W&B runs, and (terminal) the summary tables printed."""
     root = Path(root)
-    generates = config.synthetic_count != 0
-    summary = {**collect(root, config.epsilons, generates), "generates": generates}
+    summary = {**collect(root, config.epsilons, config.generates), "generates": config.generates}
     if config.audit:
         summary["audit"] = audit_summary(root)
         if not summary["audit"]:
@@ -532,7 +559,8 @@ def write_report(root: Path, config) -> Path:
     (root / "report.md").write_text(_markdown(blocks))
     (root / "report.html").write_text(_html(blocks))
     _to_wandb(root, summary, drawn, config)
-    _print_summary(summary)
+    if terminal:
+        _print_summary(summary)
     return root / "report.html"
 
 
@@ -542,7 +570,7 @@ def _to_wandb(root: Path, summary: dict, drawn: dict[str, Path], config) -> None
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    group = root.name
+    group = f"{root.parent.name}-{AUDIT_DIR}" if root.name == AUDIT_DIR else root.name  # audits of different studies apart
     for row in summary["runs"]:
         run = wandb.init(project="dpnotes", group=group, name=f"{group}-eps-{_fmt(row['target_epsilon'])}",
                          job_type="study", dir=str(root), reinit="create_new",
@@ -552,8 +580,13 @@ def _to_wandb(root: Path, summary: dict, drawn: dict[str, Path], config) -> None
     run = wandb.init(project="dpnotes", group=group, name=f"{group}-report", job_type="report", dir=str(root),
                      reinit="create_new")
     run.log({name: wandb.Image(str(path)) for name, path in drawn.items()})
-    header, rows = summary_table(summary)
-    run.log({"study": wandb.Table(columns=header, data=rows)})
+    if summary.get("generates", True):
+        header, rows = summary_table(summary)
+        run.log({"study": wandb.Table(columns=header, data=rows)})
+    audit = summary["runs"] if not summary.get("generates", True) else (summary.get("audit") or {}).get("runs")
+    if audit:
+        header, rows = audit_table(audit)
+        run.log({"memorisation_audit": wandb.Table(columns=header, data=rows)})
     run.finish()
 
 
@@ -566,7 +599,7 @@ TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent by the weights": "ε spent", 
 
 
 AUDIT_TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent": "ε spent", "exposure: trained canaries (mean bits)": "exposure trained",
-                          "trained canaries ranked 1st": "ranked 1st", "exposure: held-out canaries (mean bits)": "exposure held-out",
+                          "trained canaries ranked 1st (ties count)": "ranked 1st", "exposure: held-out canaries (mean bits)": "exposure held-out",
                           "max measurable exposure (bits)": "max", "MIA AUC (0.5 = chance)": "MIA AUC", "caveats": "caveats"}
 
 
