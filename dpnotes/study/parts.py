@@ -157,7 +157,9 @@ def write_results(study: StudyConfig, seconds: dict[str, float]) -> Path:
     lines = [f"# Measured results: the privacy–utility study ({time.strftime('%Y-%m-%d')}, CPU, 2 cores)", "",
              "Made by `make study` (`dpnotes study --config dpnotes/study/configs/study.yaml`); 95 % CIs are "
              "bootstrap intervals over the real test notes. Synthetic notes and DP coders are scored on the real "
-             "test split only; hyper-parameters were chosen on train/dev (docs/utility.md). The memorisation audit "
+             "test split only; hyper-parameters were chosen on train/dev (docs/utility.md). Every coder's one "
+             "decision threshold is set on the real dev notes without DP: for a DP coder the guarantee covers its "
+             "weights, and that single number is outside it. The memorisation audit "
              "(many passes over a small corpus) is in docs/memorisation.md.", ""]
     for name, part in study.parts.items():
         config = part_pipeline(study, name)

@@ -385,6 +385,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return SUMMARY_HEADER, rows
 
 
+DP_THRESHOLD_NOTE = ("ε covers a DP coder's weights. Its one decision threshold is set on the real dev notes "
+                     "without DP: that single number is outside the guarantee.")
 AUDIT_HEADER = ["ε (target)", "ε spent", "σ", "steps", "sampling rate q", "exposure: trained canaries (mean bits)",
                 "trained canaries ranked 1st (ties count)", "exposure: held-out canaries (mean bits)",
                 "max measurable exposure (bits)", "MIA AUC (0.5 = chance)", "MIA notes (members / non-members)", "caveats"]
@@ -461,7 +463,8 @@ def document(summary: dict, drawn: dict[str, Path], samples: dict[str, dict]) ->
     blocks = [("h1", "dpnotes study report"), ("p", INTRO), ("table", *summary_table(summary)),
               ("p", f"Coder trained on the real notes (no DP): micro-F1 {_fmt_ci(*real) if real else '–'}.")]
     if dp_coder_sweeps(summary["baselines"]):
-        blocks += [("h2", "DP coders trained on real notes"), ("table", *dp_coder_table(summary))]
+        blocks += [("h2", "DP coders trained on real notes"), ("table", *dp_coder_table(summary)),
+                   ("p", DP_THRESHOLD_NOTE)]
     blocks.append(("h2", "Figures"))
     for name, caption in FIGURE_CAPTIONS.items():
         blocks += [("img", drawn[name].name, caption), ("p", caption)] if name in drawn else [("p", f"{name}: nothing to plot yet.")]
