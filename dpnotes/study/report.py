@@ -428,12 +428,11 @@ def _exposure_scale(runs: list[dict]) -> str:
 def audit_intro(main_runs: list[dict] | None, audit_runs: list[dict]) -> str:
     """What the audit measures, with the sampling of both studies read from their runs."""
     main, audit = _passes(main_runs or []), _passes(audit_runs)
-    text = "A memorisation audit: no synthetic notes. "
-    if main_runs is not None:
+    if main_runs is None:
+        text = "A memorisation audit: no synthetic notes. It "
+    else:
         seen = f"about {main:.2g} times in expectation" if main is not None else "a number of times not yet known"
         text = f"The runs above sample each privacy unit {seen}. The audit "
-    else:
-        text += "It "
     text += (f"trains on a small corpus with planted canaries, each unit sampled "
              f"{f'about {audit:.2g} times' if audit is not None else 'many times'}, and measures how far the trained "
              f"canaries stand out from random candidates: {_exposure_scale(audit_runs)}. Held-out canaries, never "
@@ -538,6 +537,13 @@ def _html(blocks: list[tuple]) -> str:
             f"<body>\n" + "\n".join(body) + "\n</body>")
 
 
+def _audit_runs(summary: dict) -> list[dict] | None:
+    """The audit rows to show: the runs themselves in an audit's own report, else its joined table."""
+    if not summary.get("generates", True):
+        return summary["runs"]
+    return (summary.get("audit") or {}).get("runs")
+
+
 def audit_summary(root: Path) -> dict | None:
     """The audit's rows from its own report (audit/report.json), with its exposure figure."""
     report = _read(root / AUDIT_DIR / "report.json")
@@ -586,7 +592,7 @@ def _to_wandb(root: Path, summary: dict, drawn: dict[str, Path], config) -> None
     if summary.get("generates", True):
         header, rows = summary_table(summary)
         run.log({"study": wandb.Table(columns=header, data=rows)})
-    audit = summary["runs"] if not summary.get("generates", True) else (summary.get("audit") or {}).get("runs")
+    audit = _audit_runs(summary)
     if audit:
         header, rows = audit_table(audit)
         run.log({"memorisation_audit": wandb.Table(columns=header, data=rows)})
@@ -610,22 +616,20 @@ def _print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    def printed(title: str, header: list[str], rows: list[list[str]]) -> Table:
-        table = Table(title=title)
-        for column in header:
-            table.add_column(column)
+    def printed(title: str, table: tuple[list[str], list[list[str]]], columns: dict[str, str]) -> Table:
+        """The table's `columns` (full name → short name) that a terminal has room for."""
+        header, rows = table
+        keep = [header.index(column) for column in columns]
+        shown = Table(title=title)
+        for short in columns.values():
+            shown.add_column(short)
         for row in rows:
-            table.add_row(*row)
-        return table
+            shown.add_row(*(row[i] for i in keep))
+        return shown
 
     console = Console()
     if summary.get("generates", True):
-        header, rows = summary_table(summary)
-        keep = [header.index(column) for column in TERMINAL_COLUMNS]
-        console.print(printed("dpnotes study", list(TERMINAL_COLUMNS.values()), [[row[i] for i in keep] for row in rows]))
-    audit = summary["runs"] if not summary.get("generates", True) else (summary.get("audit") or {}).get("runs")
+        console.print(printed("dpnotes study", summary_table(summary), TERMINAL_COLUMNS))
+    audit = _audit_runs(summary)
     if audit:
-        header, rows = audit_table(audit)
-        keep = [header.index(column) for column in AUDIT_TERMINAL_COLUMNS]
-        console.print(printed("memorisation audit (a small corpus seen many times)", list(AUDIT_TERMINAL_COLUMNS.values()),
-                              [[row[i] for i in keep] for row in rows]))
+        console.print(printed("memorisation audit (a small corpus seen many times)", audit_table(audit), AUDIT_TERMINAL_COLUMNS))
