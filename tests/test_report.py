@@ -105,6 +105,15 @@ def test_summary_table_per_epsilon(study):
     assert eps_1["synthetic-coder micro-F1 [95 % CI]"] == "–" and "not evaluated yet" in eps_1["caveats"]
 
 
+def test_titles_only_reference_sits_beside_its_epsilon(study):
+    root, _ = study
+    baselines = json.loads((root / "baselines.json").read_text())
+    write_json(root / "baselines.json", {**baselines, "titles_only": {"8": coder(0.55, [0.5, 0.6]), "inf": coder(0.5, None)}})
+    header, rows = summary_table(collect(root, [1.0, 8.0, INF]))
+    column = [dict(zip(header, row))["titles-only coder micro-F1 [95 % CI] (same code sets, no model)"] for row in rows]
+    assert column == ["–", "0.55 [0.5, 0.6]", "0.5"]
+
+
 def test_f1_figure_has_a_fixed_axis_ci_bars_and_infinity_at_the_right(study):
     fig = f1_figure({"synthetic": {8.0: (0.4, [0.3, 0.5]), INF: (0.6, [0.5, 0.7]), 1.0: (0.2, None)}},
                     (0.8, [0.7, 0.9]), "title")

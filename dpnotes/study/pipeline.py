@@ -36,11 +36,12 @@ from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.prompting import label_titles
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
+from dpnotes.evaluation.references import titles_only_coder
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
 from dpnotes.generation.backends import resolve_backend
 from dpnotes.generation.merge import merge_run
 from dpnotes.generation.synthesize import GenerationConfig, conditioning_for, read_done, synthesize
-from dpnotes.runs import AUDIT_DIR, MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag
+from dpnotes.runs import AUDIT_DIR, MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag, load_synthetic
 from dpnotes.study.report import write_report
 from dpnotes.training.config import TrainConfig
 from dpnotes.training.recipe import train
@@ -259,6 +260,8 @@ class Pipeline:
         coder_code, dp_coder_code = source_digest(*CODER_MODULES), source_digest(*DP_CODER_MODULES)
         result = {"real_tfidf": cached("real_tfidf", digest(data_key, coder_code),
                                        lambda: real_coder_baseline(self.splits, c.bootstrap))}
+        if c.generates:
+            result["titles_only"] = self._titles_only(cached, data_key)
         sweeps = {}
         for coder in c.dp_coders:
             options = c.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
@@ -277,6 +280,21 @@ class Pipeline:
         else:
             log("baselines: done, skipped")
         return result
+
+    def _titles_only(self, cached, data_key: tuple) -> dict:
+        """Per ε with finished notes: the coder trained on those notes' code sets written as their titles
+        only (dpnotes/evaluation/references.py), keyed by the notes it stands beside."""
+        code = source_digest("dpnotes.evaluation.references", *CODER_MODULES)
+        by_epsilon = {}
+        for epsilon in self.config.epsilons:
+            run = self.run_dir(epsilon)
+            recorded = read_json(run.synthetic / GENERATION_INPUTS)
+            if recorded is None or len(read_done(run.synthetic / NOTES)) != recorded["inputs"]["count"]:
+                continue
+            by_epsilon[format_epsilon(epsilon)] = cached(
+                f"titles_only_{epsilon_tag(epsilon)}", digest(data_key, recorded["key"], self.titles, code),
+                lambda: titles_only_coder(load_synthetic(run.synthetic), self.splits, self.titles, self.config.bootstrap))
+        return by_epsilon
 
     def audit(self) -> Path:
         """Runs (or resumes) the memorisation audit of config.audit in output_dir/audit."""
