@@ -205,3 +205,15 @@ def test_audit_intro_reads_the_sampling_from_the_runs():
     text = audit_intro(main, audit)
     assert "about 0.24 times" in text and "about 12 times" in text and "100 random candidates" in text
     assert "random random" not in audit_intro(None, [{"sample_rate": None, "steps": None, "max_possible_exposure": None}])
+
+
+def test_terminal_summary_fits_80_columns_without_cutting_a_number(study, capsys, monkeypatch):
+    from dpnotes.study.report import _print_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    root, _ = study
+    _print_summary(collect(root, [1.0, 8.0, INF]))
+    out = capsys.readouterr().out
+    assert "…" not in out and "0.4" in out and "95 % CIs: report.html" in out
+    assert "[0.3, 0.5]" not in out  # the CI is the report's; the terminal shows the value
+    assert max(map(len, out.splitlines())) <= 80

@@ -613,7 +613,7 @@ def _to_wandb(root: Path, summary: dict, drawn: dict[str, Path], config) -> None
 
 # The summary columns a terminal has room for, with short names
 TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent by the weights": "ε spent", "ε total (weights + conditioning)": "ε total",
-                    "synthetic-coder micro-F1 [95 % CI]": "F1 synthetic [CI]", "÷ real-trained coder": "÷ real",
+                    "synthetic-coder micro-F1 [95 % CI]": "F1 synthetic", "÷ real-trained coder": "÷ real",
                     "titles-only coder micro-F1 [95 % CI] (same code sets, no model)": "F1 titles only",
                     "exposure: trained canaries (mean bits)": "exposure trained",
                     "exposure: held-out canaries (mean bits)": "exposure held-out", "MIA AUC (0.5 = chance)": "MIA AUC",
@@ -630,14 +630,16 @@ def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
     def printed(title: str, table: tuple[list[str], list[list[str]]], columns: dict[str, str]) -> Table:
-        """The table's `columns` (full name → short name) that a terminal has room for."""
+        """The table's `columns` (full name → short name) that a terminal has room for, each value
+        without its CI (the report has them)."""
         header, rows = table
-        keep = [header.index(column) for column in columns]
-        shown = Table(title=title)
-        for short in columns.values():
-            shown.add_column(short)
+        keep = [header.index(column) for column in columns if any(row[header.index(column)] for row in rows)]
+        with_ci = any(" [" in row[i] for row in rows for i in keep)
+        shown = Table(title=title, caption="95 % CIs: report.html" if with_ci else None)
+        for index in keep:  # an empty column (no caveats) gives its width to the numbers
+            shown.add_column(columns[header[index]], overflow="fold")  # a narrow terminal wraps a value, never cuts it
         for row in rows:
-            shown.add_row(*(row[i] for i in keep))
+            shown.add_row(*(row[i].split(" [")[0] for i in keep))
         return shown
 
     console = Console()
