@@ -93,11 +93,16 @@ def test_a_changed_temperature_regenerates_and_reevaluates_without_retraining(st
     config, root, _ = study
     notes = root / "eps_8" / "synthetic" / "notes.jsonl"
     before = notes.stat().st_mtime_ns
+    saved = root / "eps_8" / "synthetic" / "conditioning.json"
+    marked = {**json.loads(saved.read_text()), "weights": {"I10": 1.0}}  # a release no new draw would give
+    saved.write_text(json.dumps(marked))
+    release = saved.read_bytes()
     generation = dataclasses.replace(config.generation, temperature=0.5)
     Pipeline(dataclasses.replace(config, generation=generation, epsilons=[8.0])).run()
     out = capsys.readouterr().out
     assert "train eps_8: done" in out and "merge eps_8: done" in out
-    assert "generate eps_8: inputs changed (temperature), regenerating" in out
+    assert "generate eps_8: inputs changed (temperature), regenerating from the same code-set release" in out
+    assert (root / "eps_8" / "synthetic" / "conditioning.json").read_bytes() == release  # not released again
     assert "evaluate eps_8: coders" in out
     assert notes.stat().st_mtime_ns != before  # rewritten (a tiny random model may sample the same words)
     manifest = json.loads((root / "eps_8" / "synthetic" / "manifest.json").read_text())

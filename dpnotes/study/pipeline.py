@@ -40,7 +40,7 @@ from dpnotes.evaluation.references import titles_only_coder
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
 from dpnotes.generation.backends import resolve_backend
 from dpnotes.generation.merge import merge_run
-from dpnotes.generation.synthesize import GenerationConfig, conditioning_for, read_done, synthesize
+from dpnotes.generation.synthesize import CONDITIONING, GenerationConfig, conditioning_for, read_done, synthesize
 from dpnotes.runs import AUDIT_DIR, MANIFEST, NOTES, PRIVACY_REPORT, RunDir, epsilon_tag, load_synthetic
 from dpnotes.study.report import write_report
 from dpnotes.training.config import TrainConfig
@@ -95,6 +95,7 @@ DP_CODER_MODULES = CODER_MODULES + ("dpnotes.evaluation.dp_sweep", "dpnotes.eval
 
 EVALUATION_MODULES = CODER_MODULES + ("dpnotes.evaluation.stages", "dpnotes.evaluation.leakage", "dpnotes.evaluation.fidelity")
 GENERATION_INPUTS = "inputs.json"  # in each synthetic/ folder: the key of what its notes were made from
+RELEASE_INPUTS = frozenset({"training", "conditioning", "conditioning_epsilon", "prior"})  # what the code-set release depends on
 
 
 def read_json(path: Path) -> dict | None:
@@ -193,16 +194,22 @@ class Pipeline:
         inputs = self.generation_inputs(epsilon)
         key = digest(inputs)
         recorded = read_json(out / GENERATION_INPUTS)
+        release = None
         if recorded and recorded["key"] == key:
             manifest = read_json(out / MANIFEST)
             if manifest and len(read_done(out / NOTES)) == inputs["count"]:
                 log(f"generate {epsilon_tag(epsilon)}: done, skipped")
                 return manifest
-        elif out.exists():  # other inputs (or a folder from before keys): its notes and release are stale
+        elif out.exists():  # other inputs (or a folder from before keys): its notes are stale
             changed = sorted(k for k in inputs if (recorded or {}).get("inputs", {}).get(k) != inputs[k])
-            log(f"generate {epsilon_tag(epsilon)}: inputs changed ({', '.join(changed)}), regenerating")
+            # A new count or sampling reuses the code-set release: a second DP release would spend its ε again.
+            release = (out / CONDITIONING).read_bytes() if RELEASE_INPUTS.isdisjoint(changed) and (out / CONDITIONING).exists() else None
+            log(f"generate {epsilon_tag(epsilon)}: inputs changed ({', '.join(changed)}), regenerating"
+                + (" from the same code-set release" if release else ""))
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        if release:
+            (out / CONDITIONING).write_bytes(release)
         (out / GENERATION_INPUTS).write_text(json.dumps({"key": key, "inputs": inputs}, indent=2))
         train_notes = self.splits["train"] if g.conditioning != "prior" else None
         unit = (read_json(self.run_dir(epsilon).privacy_report) or {}).get("privacy_unit")
