@@ -5,7 +5,8 @@
 
 Each argument is one setting: a run of the study part (eps_1, eps_8, eps_inf, ...; `base`: the
 pretrained model without fine-tuning, prompted in the corpus's format; `titles`: no model, each
-note is the public titles of its codes, the reference a generator has to beat) and generation settings (`temperature`, `top_k`, `max_new_tokens`, `count`). Notes are drawn from the run's merged
+note is the public titles of its codes, the reference a generator has to beat) and generation
+settings (`temperature`, `top_k`, `max_new_tokens`, `count`). Notes are drawn from the run's merged
 model, conditioned on the same DP code-set release the study's notes used (so no new ε is spent on
 conditioning), into OUT/<setting>/. The coder and its dev-half score are bench/generator_sweep.py's:
 C and threshold on one half of the real dev split, micro-F1 on the other half; no test note is read.
@@ -24,6 +25,7 @@ from generator_sweep import REAL, dev_halves, dev_score, finished, log, setting_
 
 from dpnotes import CHECKOUT
 from dpnotes.corpus.schema import Note
+from dpnotes.evaluation.references import titles_only_notes
 from dpnotes.generation.backends import SamplingConfig
 from dpnotes.generation.conditioning import CodeSetDistribution
 from dpnotes.generation.synthesize import CONDITIONING, synthesize
@@ -66,7 +68,9 @@ def run_setting(pipeline: Pipeline, out: Path, setting: str, bootstrap: int) -> 
     distribution = CodeSetDistribution.load(folder / CONDITIONING)
     g = pipeline.config.generation
     if run_name == TITLES:
-        synthetic = titles_only(distribution.sample(count or pipeline.synthetic_count, 0), pipeline.titles)
+        code_sets = distribution.sample(count or pipeline.synthetic_count, 0)
+        synthetic = titles_only_notes([Note(f"titles-{i:06d}", f"titles-{i:06d}", "", list(codes))
+                                       for i, codes in enumerate(code_sets)], pipeline.titles)
         return {"setting": setting, "synthetic_notes": len(synthetic), "dev": dev_scored(pipeline, synthetic, bootstrap)}
     sampling = replace(SamplingConfig(g.max_new_tokens, g.temperature, batch_size=g.batch_size), **options)
     count = count or pipeline.synthetic_count
@@ -77,11 +81,6 @@ def run_setting(pipeline: Pipeline, out: Path, setting: str, bootstrap: int) -> 
     synthetic = load_synthetic(folder)
     return {"setting": setting, "seconds": {"generate": seconds}, "synthetic_notes": len(synthetic),
             "dev": dev_scored(pipeline, synthetic, bootstrap)}
-
-
-def titles_only(code_sets: list[list[str]], titles: dict[str, str]) -> list[Note]:
-    return [Note(f"titles-{i:06d}", f"titles-{i:06d}", "; ".join(titles.get(c, c) for c in codes), list(codes))
-            for i, codes in enumerate(code_sets)]
 
 
 def dev_scored(pipeline: Pipeline, coder_train: list[Note], bootstrap: int) -> dict:

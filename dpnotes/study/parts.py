@@ -137,7 +137,7 @@ def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: fl
                   "same code sets with each note replaced by its codes' public titles (no model): the reference a "
                   "generator's text has to beat.", "",
                   *_table(["generator ε", "ε spent (weights)", "ε total (+ conditioning)", "micro-F1 [95 % CI]", "÷ real",
-                           "titles only [95 % CI]",                           "exposure trained / held-out canaries (bits)", "MIA AUC", "caveats"], rows), ""]
+                           "titles only [95 % CI]", "exposure trained / held-out canaries (bits)", "MIA AUC", "caveats"], rows), ""]
     rows = []
     for coder, sweep in dp_coder_sweeps(baselines).items():
         for epsilon in sorted(sweep):

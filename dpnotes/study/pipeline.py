@@ -203,7 +203,8 @@ class Pipeline:
         elif out.exists():  # other inputs (or a folder from before keys): its notes are stale
             changed = sorted(k for k in inputs if (recorded or {}).get("inputs", {}).get(k) != inputs[k])
             # A new count or sampling reuses the code-set release: a second DP release would spend its ε again.
-            release = (out / CONDITIONING).read_bytes() if RELEASE_INPUTS.isdisjoint(changed) and (out / CONDITIONING).exists() else None
+            if RELEASE_INPUTS.isdisjoint(changed) and (out / CONDITIONING).exists():
+                release = (out / CONDITIONING).read_bytes()
             log(f"generate {epsilon_tag(epsilon)}: inputs changed ({', '.join(changed)}), regenerating"
                 + (" from the same code-set release" if release else ""))
             shutil.rmtree(out)
