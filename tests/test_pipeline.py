@@ -167,3 +167,40 @@ def test_bad_audit_and_count_settings_are_one_line_before_any_work(tmp_path):
     generating.write_text(json.dumps({"synthetic_count": 5}))
     with pytest.raises(UserError, match="an audit config writes no notes"):
         load_pipeline_config(None, [f"output_dir={tmp_path}", f"audit={generating}"])
+
+
+def test_the_probe_encodes_each_note_once_for_every_epsilon(tmp_path, monkeypatch, capsys):
+    """The DP probe's features are cached in the run's baselines folder: each ε's coder reads them, and
+    the cache path enters no result's key."""
+    import hashlib
+
+    import numpy as np
+
+    import dpnotes.study.pipeline as pipeline
+    from dpnotes.evaluation.dp_linear import FrozenEncoderFeatures
+
+    encoded, keys = [], []
+
+    def encode(self, texts):  # a stand-in for MiniLM: unit rows seeded by the text
+        encoded.extend(texts)
+        rows = [np.random.default_rng(list(hashlib.sha256(t.encode()).digest())).normal(size=8) for t in texts]
+        return np.stack([r / np.linalg.norm(r) for r in rows]).astype(np.float32)
+
+    real_digest = pipeline.digest
+    monkeypatch.setattr(FrozenEncoderFeatures, "_encode", encode)
+    monkeypatch.setattr(pipeline, "digest", lambda *parts: keys.append(parts) or real_digest(*parts))
+    config = load_pipeline_config(None, [
+        f"output_dir={tmp_path}", "train_config=train/configs/tiny_test.yaml", "bootstrap=0", "report_to=none",
+        "dp_coders=[probe]", "dp_coder_epsilons=[1.0, .inf]", "dp_coder_options.probe.max_length=32",
+        "dp_coder_options.probe.steps=2", "dp_coder_options.probe.expected_batch_size=10000",
+    ])
+    first = Pipeline(config)
+    result = first.baselines()
+    assert set(result["dp_coder"]["probe"]["by_epsilon"]) == {"1", "inf"}
+    notes = {n.text for split in first.splits.values() for n in split}
+    assert len(encoded) == len(set(encoded)) and notes <= set(encoded)  # each note once, not once per ε
+    assert len(list((tmp_path / "baselines").glob("probe_features_*.npz"))) == 1
+    assert not any(".npz" in json.dumps(parts, default=str) for parts in keys)  # cached results stay valid
+    encoded.clear()
+    Pipeline(dataclasses.replace(config, dp_coder_epsilons=[1.0, 2.0])).baselines()  # a new ε, a new run
+    assert "baselines: dp_probe_eps_2" in capsys.readouterr().out and encoded == []

@@ -36,6 +36,7 @@ from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.prompting import label_titles
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
+from dpnotes.evaluation.dp_linear import FrozenEncoderFeatures
 from dpnotes.evaluation.references import titles_only_coder
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
 from dpnotes.generation.backends import resolve_backend
@@ -273,12 +274,15 @@ class Pipeline:
         sweeps = {}
         for coder in c.dp_coders:
             options = c.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
+            # The feature cache goes to the computation only, not into the results' key: where the
+            # features are kept changes no result.
+            computing = {**options, **self._feature_cache(coder, options, folder)}
             by_epsilon = {}
             for epsilon in c.dp_coder_epsilons or c.epsilons:
                 tag = format_epsilon(epsilon)
                 by_epsilon[tag] = cached(f"dp_{coder}_eps_{tag}", digest(data_key, coder, epsilon, options, self.labels, self.titles, dp_coder_code),
                                          lambda: dp_coder_baseline(self.splits, self.labels, self.titles, coder, epsilon,
-                                                                   c.bootstrap, options))
+                                                                   c.bootstrap, computing))
             sweeps[coder] = {"by_epsilon": by_epsilon,
                              "weighted_f1": {tag: r["metrics"]["weighted_f1"] for tag, r in by_epsilon.items()}}
         if sweeps:
@@ -288,6 +292,18 @@ class Pipeline:
         else:
             log("baselines: done, skipped")
         return result
+
+    @staticmethod
+    def _feature_cache(coder: str, options: dict, folder: Path) -> dict:
+        """{"feature_cache": path} for the probe, else {}. Each ε's coder builds its own feature map, so
+        without it MiniLM would encode every note once per ε (~3 min per ε on the default corpus);
+        with it, once per part. The file holds features of the private notes: it stays in the run's
+        baselines folder beside the other private run state. Named by the encoder's spec (model,
+        max_length), so another spec gets its own file rather than the cache's refusal."""
+        if coder != "probe":  # hashed n-grams are cheap, and LoRA trains its encoder
+            return {}
+        spec = FrozenEncoderFeatures(**{name: options[name] for name in ("model", "max_length") if name in options}).spec
+        return {"feature_cache": folder / f"probe_features_{digest(spec)[:12]}.npz"}
 
     def _titles_only(self, cached, data_key: tuple) -> dict:
         """Per ε with finished notes: the coder trained on those notes' code sets written as their titles
