@@ -354,3 +354,85 @@ def test_a_hook_that_rescales_an_output_is_caught_by_the_first_batch_check(mode)
         losses = probe_losses(model, make_batch(float_tokens, 3, 4))
     with pytest.raises(UnsupportedParameterError, match=r"disagree with autograd on the first batch: body \(rule"):
         clipper.backward(losses)
+
+
+class _Marker(torch.autograd.Function):
+    """Identity whose backward logs that the backward pass reached it."""
+
+    @staticmethod
+    def forward(ctx, x, events):
+        ctx.events = events
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.events.append("reached the bottom layer")
+        return grad, None
+
+
+class _Tower(nn.Module):
+    """Four trainable Linear layers in a row; the backward logs when it gets below the second."""
+
+    def __init__(self, events: list):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(FEATURES, FEATURES) for _ in range(4))
+        self.events = events
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        x = _Marker.apply(x, self.events)
+        for layer in self.layers[1:]:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_each_layer_is_reduced_as_the_norm_pass_reaches_it(mode, monkeypatch):
+    """The norm pass hands each layer's backprops to its rule while the backward is still above the
+    layers below, and drops them then: one layer's backprops are alive at a time (one autograd.grad
+    returning every layer's at once held a model's worth of (B, T, p) tensors). bk keeps per-unit
+    gradients instead where they are smaller (here: 6·6 + 6 numbers per example against T·12)."""
+    from dpnotes.privacy.rules.linear import LinearRule
+
+    events = []
+    for name in ("per_example_sq_norms", "per_example_grads"):
+        def spy(self, module, saved, grad_output, trainable, _original=getattr(LinearRule, name), _name=name):
+            events.append(_name)
+            return _original(self, module, saved, grad_output, trainable)
+
+        monkeypatch.setattr(LinearRule, name, spy)
+    model = _Tower(events).double()
+    data = make_batch(float_tokens, 3, 5)
+    data["x"] = data["x"].double()
+    per_example = per_example_gradients(model, probe_losses, data)
+    ref_norms, ref_sum = clipped_sum_reference(per_example, 0.5)
+    events.clear()
+
+    result, clipped_sum = run_clipper(model, data, mode, 0.5)
+
+    rule_call = "per_example_sq_norms" if mode == "ghost" else "per_example_grads"
+    assert events[:4] == [rule_call] * 3 + ["reached the bottom layer"], events
+    assert events[4] == rule_call
+    torch.testing.assert_close(result.norms.double(), ref_norms, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(clipped_sum, ref_sum, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+@pytest.mark.parametrize("case", ["linear", "linear_ghost_path", "conv1d", "stack_of_families"])
+def test_fp32_copies_made_one_example_at_a_time_change_nothing(case, mode, monkeypatch):
+    """The linear rule upcasts activations and backprops a few examples at a time (an LM head's
+    backprop is never copied to fp32 whole): with one example per chunk, norms and sums still
+    equal the oracle, per example and per patient."""
+    from dpnotes.privacy.rules import linear
+
+    monkeypatch.setattr(linear, "FP32_CHUNK_BYTES", 1)
+    build, make_input = CASES[case]
+    model = Probe(build()).double()
+    data = make_batch(make_input, 5, 4)
+    data["x"] = data["x"].double() if data["x"].is_floating_point() else data["x"]
+    per_example = per_example_gradients(model, probe_losses, data)
+    for units in (None, torch.tensor([2, 0, 2, 1, 2])):
+        ref_norms, ref_sum = clipped_sum_reference(per_example, 0.5, units)
+        result, clipped_sum = run_clipper(model, data, mode, 0.5, units)
+        torch.testing.assert_close(result.norms.double(), ref_norms, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(clipped_sum, ref_sum, rtol=1e-4, atol=1e-7)

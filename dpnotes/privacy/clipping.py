@@ -1,14 +1,18 @@
 """Per-example (or per-privacy-unit) gradient clipping without per-example gradients.
 
 One forward pass is recorded by hooks on the layers that own trainable parameters: each keeps
-its input (through its rule) and its output tensor. The gradient of the summed per-example
-losses with respect to those outputs gives every layer's backprops at once, with
-`torch.autograd.grad`, so no parameter `.grad` is touched and no engine backward runs. From
-activations and backprops the rules give per-example norms, hence clip coefficients c_i. Then:
+its input (through its rule) and taps its output. The norm pass is one `torch.autograd.grad` of
+the summed per-example losses with respect to a zero scalar added to every tapped output, so no
+parameter `.grad` is touched and no engine backward runs. Each tap hands its layer's backprops to
+the layer's rule as the pass reaches it, and the pass then drops them: one layer's backprops are
+alive at a time, not the whole model's. The rules give per-example norms, hence clip
+coefficients c_i. Then:
 
 - ghost:  a second backward of Σ c_i L_i through the recorded graph writes Σ c_i g_i;
-- bk:     book-keeping: Σ c_i g_i is assembled from the stored activations and backprops,
-          so there is a single backward pass.
+- bk:     book-keeping: Σ c_i g_i is assembled from what the norm pass kept of each layer: its
+          per-unit gradients where they are smaller than its activations and backprops (LoRA
+          factors: r·d numbers per unit against T·(r + d)), else the activations and backprops.
+          There is a single backward pass.
 
 With privacy unit = patient, a patient's examples are concatenated along the token axis before
 the rules run: the norm is then the norm of the patient's summed gradient, as the guarantee needs.
@@ -54,12 +58,26 @@ class ClippedLayer:
     rule: NormRule
     params: dict[str, nn.Parameter]
     flat_tokens: bool = False  # an ancestor feeds it (B·T, d) batch-major (rules.register_flat_tokens)
-    saved: list[torch.Tensor] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
+    saved: list[torch.Tensor] = field(default_factory=list)  # per recorded call: what the rule captured
+    calls: list[tuple] = field(default_factory=list)  # per recorded call: (shape, dtype, device) of its output
+    backprops: list[torch.Tensor | None] = field(default_factory=list)  # per call, filled by the norm pass
 
     @property
     def trainable(self) -> frozenset[str]:
         return frozenset(self.params)
+
+
+@dataclass
+class _NormPass:
+    """What the norm pass gathers from the taps, layer by layer."""
+
+    batch: int
+    group_index: torch.Tensor | None
+    n_units: int
+    keep: bool  # bk: keep what the clipped sum needs
+    layer_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name -> (U,) squared norms
+    # bk, per layer: (layer, {param: (U, *shape) per-unit gradients}, None, None) or (layer, None, saved, backprops)
+    kept: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -280,6 +298,8 @@ class PerExampleClipper:
         self._position = {id(p): k for k, p in enumerate(self.parameters)}
         self.audited = False
         self.verified = False
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+        self._pass: _NormPass | None = None
         self.clipped_sums: list[torch.Tensor | None] = []
         self.reset_sums()
 
@@ -316,13 +336,19 @@ class PerExampleClipper:
         try:
             with audit:
                 yield
-            self.audited = self.audited or any(layer.outputs for layer in self.layers)
+            self.audited = self.audited or any(layer.calls for layer in self.layers)
         finally:
             for handle in handles:
                 handle.remove()
 
-    @staticmethod
-    def _recorder(layer: ClippedLayer, batch_size: int):
+    def _anchor(self, device: torch.device) -> torch.Tensor:
+        """The zero scalar added to every tapped output on `device` (one per device: a CPU scalar in a
+        CUDA op would cost a device-to-host copy per layer in the norm pass)."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._anchors[device]
+
+    def _recorder(self, layer: ClippedLayer, batch_size: int):
         def record(module, args, kwargs, output):
             if not torch.is_tensor(output):
                 raise UnsupportedParameterError(
@@ -335,15 +361,56 @@ class PerExampleClipper:
             if output.shape[0] != batch_size:
                 output, layer_input = _batch_major(layer, output, layer_input, batch_size)
             layer.saved.append(layer.rule.capture(module, layer_input))
-            layer.outputs.append(output)
-            return output
+            layer.calls.append((output.shape, output.dtype, output.device))
+            layer.backprops.append(None)
+            # x + 0 is x exactly. The sum puts every tapped output on a path from the losses to the anchor,
+            # so the norm pass (a gradient w.r.t. the anchors) reaches each tap, and nothing below the lowest.
+            tapped = output + self._anchor(output.device)
+            tapped.register_hook(self._tap(layer, len(layer.calls) - 1))
+            return tapped
 
         return record
+
+    def _tap(self, layer: ClippedLayer, call: int):
+        """The hook of one call's output: in the norm pass it hands the backprops over, and the layer
+        is reduced once all its calls are in. Other backwards through the graph (ghost's second,
+        the verification, DeepSpeed's) pass through untouched."""
+
+        def hand_over(grad: torch.Tensor) -> None:
+            if self._pass is not None:
+                layer.backprops[call] = grad
+                if all(b is not None for b in layer.backprops):
+                    self._reduce(layer)
+
+        return hand_over
+
+    def _reduce(self, layer: ClippedLayer) -> None:
+        """A layer's backprops are all in: its per-unit squared norms, and for bk what its clipped sum
+        needs. The backprops are released unless bk must keep them, and so are the activations."""
+        state = self._pass
+        saved = _join_calls(layer.saved)
+        grad_output = _join_calls([g.reshape(state.batch, -1, g.shape[-1]) for g in layer.backprops])
+        layer.saved.clear()
+        layer.backprops = [None] * len(layer.calls)
+        unit_saved, unit_grad = saved, grad_output
+        if state.group_index is not None:
+            unit_saved = group_tokens(saved, state.group_index, state.n_units)
+            unit_grad = group_tokens(grad_output, state.group_index, state.n_units)
+        grads = layer.rule.per_example_grads(layer.module, unit_saved, unit_grad, layer.trainable) if state.keep else None
+        if grads is not None:
+            state.layer_sq[layer.name] = sum(g.flatten(1).square().sum(dim=1) for g in grads.values())
+            state.kept.append((layer, grads, None, None))
+            return
+        state.layer_sq[layer.name] = layer.rule.per_example_sq_norms(layer.module, unit_saved, unit_grad, layer.trainable)
+        if state.keep:
+            state.kept.append((layer, None, saved, grad_output))
 
     def _release(self) -> None:
         for layer in self.layers:
             layer.saved.clear()
-            layer.outputs.clear()
+            layer.calls.clear()
+            layer.backprops.clear()
+        self._anchors.clear()
 
     def backward(self, losses: torch.Tensor, group_index: torch.Tensor | None = None, verify: bool = True) -> ClipResult:
         """Clip and add Σ_units c_u · grad_u to the clipped sums for the forward recorded last.
@@ -369,15 +436,15 @@ class PerExampleClipper:
                 return ClipResult(empty, empty)
             ghost = accumulate and self.mode == "ghost"
             verify = verify and not self.verified
-            per_layer, norms, unit_coef, example_coef, layer_sq = self._norms(
-                losses, group_index, retain_graph=ghost or verify
+            state, norms, unit_coef, example_coef = self._norms(
+                losses, group_index, retain_graph=ghost or verify, keep=accumulate and not ghost
             )
             if verify:
-                self._verify_against_autograd(losses, group_index, norms, layer_sq)
+                self._verify_against_autograd(losses, group_index, norms, state.layer_sq)
             if ghost:
                 self._ghost_backward(losses, example_coef)
             elif accumulate:
-                self._accumulate_clipped(per_layer, example_coef)
+                self._accumulate_clipped(state.kept, unit_coef, example_coef)
             return ClipResult(norms.detach(), unit_coef.detach())
         finally:
             self._release()
@@ -392,7 +459,7 @@ class PerExampleClipper:
         for param in params:
             param.grad = None
         (losses * example_coef.to(losses.dtype)).sum().backward(inputs=params)
-        unseen = [layer.name for layer in self.layers if not layer.outputs
+        unseen = [layer.name for layer in self.layers if not layer.calls
                   and any(p.grad is not None and p.grad.any() for p in layer.params.values())]
         if unseen:
             for param in params:
@@ -406,40 +473,40 @@ class PerExampleClipper:
                 self._add_to_sum(k, param.grad)
             param.grad = None
 
-    def _accumulate_clipped(self, per_layer, example_coef: torch.Tensor) -> None:
-        """Book-keeping: Σ_b c_b · grad_b from the stored activations and backprops."""
-        for layer, saved, grad_output in per_layer:
-            grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
+    def _accumulate_clipped(self, kept: list[tuple], unit_coef: torch.Tensor, example_coef: torch.Tensor) -> None:
+        """Book-keeping: Σ_u c_u · grad_u from what the norm pass kept of each layer."""
+        for layer, unit_grads, saved, grad_output in kept:
+            if unit_grads is not None:
+                grads = {name: torch.tensordot(unit_coef.to(g.dtype), g, dims=1) for name, g in unit_grads.items()}
+            else:
+                grads = layer.rule.clipped_grads(layer.module, saved, grad_output, example_coef, layer.trainable)
             for name, grad in grads.items():
                 self._add_to_sum(self._position[id(layer.params[name])], grad)
 
-    def _norms(self, losses: torch.Tensor, group_index: torch.Tensor | None, retain_graph: bool):
+    def _norms(self, losses: torch.Tensor, group_index: torch.Tensor | None, retain_graph: bool, keep: bool):
+        """The norm pass: every recorded layer reduced (`_reduce`) as the gradient reaches its taps."""
         batch = losses.shape[0]
         n_units = batch if group_index is None else int(group_index.max()) + 1
-        recorded = [layer for layer in self.layers if layer.outputs]
-        outputs = [out for layer in recorded for out in layer.outputs]
-        backprops = torch.autograd.grad(
-            losses.sum(), outputs, retain_graph=retain_graph, allow_unused=True, materialize_grads=True
-        ) if outputs else ()  # no bound module ran: every unit's norm is 0 (ghost then checks the gradient)
-        per_layer, start = [], 0
-        for layer in recorded:
-            grads = backprops[start : start + len(layer.outputs)]
-            start += len(layer.outputs)
-            saved = _join_calls(layer.saved)
-            grad_output = _join_calls([g.reshape(batch, -1, g.shape[-1]) for g in grads])
-            per_layer.append((layer, saved, grad_output))
-
-        layer_sq = []  # (layer, (U,) squared norms of its parameters' per-unit gradients)
-        for layer, saved, grad_output in per_layer:
-            if group_index is not None:
-                saved = group_tokens(saved, group_index, n_units)
-                grad_output = group_tokens(grad_output, group_index, n_units)
-            layer_sq.append((layer, layer.rule.per_example_sq_norms(layer.module, saved, grad_output, layer.trainable)))
-        sq_norms = sum((sq for _, sq in layer_sq), torch.zeros(n_units, device=losses.device, dtype=torch.float32))
+        state = self._pass = _NormPass(batch, group_index, n_units, keep)
+        try:
+            if self._anchors:  # none: no bound module ran, every unit's norm is 0 (ghost then checks the gradient)
+                torch.autograd.grad(losses.sum(), list(self._anchors.values()), retain_graph=retain_graph,
+                                    allow_unused=True)
+            for layer in self.layers:  # calls the losses do not depend on have zero backprops
+                if layer.calls and layer.name not in state.layer_sq:
+                    layer.backprops = [b if b is not None else torch.zeros(shape, dtype=dtype, device=device)
+                                       for b, (shape, dtype, device) in zip(layer.backprops, layer.calls)]
+                    self._reduce(layer)
+        finally:
+            self._pass = None
+        sq_norms = torch.zeros(n_units, device=losses.device, dtype=torch.float32)
+        for layer in self.layers:  # in model order, whatever order the pass reached them in
+            if layer.name in state.layer_sq:
+                sq_norms = sq_norms + state.layer_sq[layer.name]
         norms = sq_norms.sqrt()
         unit_coef = (self.max_grad_norm / (norms + NORM_FLOOR)).clamp(max=1.0)
         example_coef = unit_coef if group_index is None else unit_coef[group_index]
-        return per_layer, norms, unit_coef, example_coef, layer_sq
+        return state, norms, unit_coef, example_coef
 
     def _verify_against_autograd(self, losses, group_index, norms, layer_sq) -> None:
         """Once per clipper, on the first batch: the largest unit's gradient, computed by autograd
@@ -454,12 +521,11 @@ class PerExampleClipper:
         by_param = {id(p): g for p, g in zip(self.parameters, grads)}
         exact = all(p.dtype in (torch.float32, torch.float64) for p in self.parameters)
         tolerance = 1e-3 if exact else 5e-2  # autograd's own gradient is rounded in bf16/fp16
-        rule = {id(layer): sq for layer, sq in layer_sq}
         wrong = []
         for layer in self.layers:
             true = sum(float(by_param[id(p)].double().square().sum()) for p in layer.params.values()
                        if by_param[id(p)] is not None) ** 0.5
-            ours = float(rule[id(layer)][unit]) ** 0.5 if id(layer) in rule else 0.0
+            ours = float(layer_sq[layer.name][unit]) ** 0.5 if layer.name in layer_sq else 0.0
             if abs(true - ours) > tolerance * max(true, ours) + 1e-6 * float(norms[unit]) + 1e-12:
                 wrong.append(f"{layer.name} (rule {ours:.4g}, autograd {true:.4g})")
         if wrong:

@@ -2,9 +2,13 @@
 
 grad_W(b) = Σ_t g_bt a_btᵀ. Its squared norm is either the ghost norm Σ_ts (a_t·a_s)(g_t·g_s),
 costing O(T²) memory per example, or the instantiated (p × d) gradient; we pick the smaller,
-as in mixed ghost clipping (Bu et al. 2022): ghost when 2T² < p·d.
+as in mixed ghost clipping (Bu et al. 2022): ghost when 2T² < p·d. For book-keeping, a layer whose
+per-example gradients are smaller than its activations and backprops (p·d < T·(p + d): LoRA
+factors) has them instantiated in the norm pass, which then frees the rest.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -12,14 +16,31 @@ from transformers.pytorch_utils import Conv1D
 
 from dpnotes.privacy.rules.registry import NormRule, as_tokens, register_norm_rule
 
+# fp32 copies of bf16/fp16 activations and backprops are made a few examples at a time, at most about
+# this many bytes: an LM head's (B, T, V) backprop is never copied whole (16.8 GB in fp32 at B = 8,
+# T = 4,096, V = 128k). Products of bf16 numbers are exact in fp32, so the chunks change nothing.
+FP32_CHUNK_BYTES = 2**28
+
+
+def example_chunks(*tensors: torch.Tensor) -> Iterator[slice]:
+    """Slices of the leading (example) axis whose fp32 copies of `tensors` take ~FP32_CHUNK_BYTES."""
+    per_example = 4 * sum(t[0].numel() for t in tensors)
+    step = max(1, FP32_CHUNK_BYTES // max(per_example, 1))
+    for start in range(0, tensors[0].shape[0], step):
+        yield slice(start, start + step)
+
 
 def weight_sq_norms(activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Per-example ||Σ_t g_t a_tᵀ||²_F for activations (B, T, d) and backprops (B, T, p), fp32."""
-    a, g = activations.float(), backprops.float()
-    tokens, d, p = a.shape[1], a.shape[2], g.shape[2]
-    if 2 * tokens * tokens < p * d:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
-    return torch.bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
+    tokens, d, p = activations.shape[1], activations.shape[2], backprops.shape[2]
+    out = torch.empty(activations.shape[0], device=activations.device, dtype=torch.float32)
+    for rows in example_chunks(activations, backprops):
+        a, g = activations[rows].float(), backprops[rows].float()
+        if 2 * tokens * tokens < p * d:
+            out[rows] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        else:
+            out[rows] = torch.bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
+    return out
 
 
 # FalconLinear overrides forward with `input @ W.T (+ b)`: the same map as nn.Linear.
@@ -34,15 +55,40 @@ class LinearRule(NormRule):
         if "weight" in trainable:
             sq += weight_sq_norms(saved, grad_output)
         if "bias" in trainable:
-            sq += grad_output.float().sum(dim=1).square().sum(dim=1)
+            sq += _token_sums(grad_output).square().sum(dim=1)
         return sq
 
-    def clipped_grads(self, module, saved, grad_output, coef, trainable):
-        g = as_tokens(grad_output).float() * coef.float()[:, None, None]
+    def per_example_grads(self, module, saved, grad_output, trainable):
+        grad_output = as_tokens(grad_output)
+        tokens, d, p = saved.shape[1], saved.shape[2], grad_output.shape[2]
+        size = ("weight" in trainable) * p * d + ("bias" in trainable) * p
+        if size > tokens * (p + d):  # a full-size layer: keep T·(p + d) per example, not p·d
+            return None
         grads = {}
         if "weight" in trainable:
-            weight_grad = torch.einsum("btp,btd->pd", g, saved.float())
-            grads["weight"] = weight_grad.t() if isinstance(module, Conv1D) else weight_grad
+            weight = torch.cat([torch.bmm(grad_output[rows].float().transpose(1, 2), saved[rows].float())
+                                for rows in example_chunks(saved, grad_output)])
+            grads["weight"] = weight.transpose(1, 2) if isinstance(module, Conv1D) else weight
         if "bias" in trainable:
-            grads["bias"] = g.sum(dim=(0, 1))
+            grads["bias"] = _token_sums(grad_output)
         return grads
+
+    def clipped_grads(self, module, saved, grad_output, coef, trainable):
+        grad_output = as_tokens(grad_output)
+        sums = {}
+        for rows in example_chunks(saved, grad_output):
+            g = grad_output[rows].float() * coef[rows].float()[:, None, None]
+            if "weight" in trainable:
+                part = torch.einsum("btp,btd->pd", g, saved[rows].float())
+                sums["weight"] = sums["weight"] + part if "weight" in sums else part
+            if "bias" in trainable:
+                part = g.sum(dim=(0, 1))
+                sums["bias"] = sums["bias"] + part if "bias" in sums else part
+        if "weight" in sums and isinstance(module, Conv1D):
+            sums["weight"] = sums["weight"].t()
+        return sums
+
+
+def _token_sums(grad_output: torch.Tensor) -> torch.Tensor:
+    """(B, p) fp32 sums over tokens: the per-example bias gradients."""
+    return torch.cat([grad_output[rows].float().sum(dim=1) for rows in example_chunks(grad_output)])

@@ -42,6 +42,14 @@ class NormRule:
         """(B,) squared norms of the per-example gradients of the `trainable` parameters, fp32."""
         raise NotImplementedError
 
+    def per_example_grads(
+        self, module: nn.Module, saved: torch.Tensor, grad_output: torch.Tensor, trainable: frozenset[str]
+    ) -> dict[str, torch.Tensor] | None:
+        """{name: (B, *shape)} per-example gradients of the `trainable` parameters, fp32, where they
+        take less memory than `saved` and `grad_output` (book-keeping then keeps them instead, and
+        the norms are theirs); None where they would not, or the rule does not instantiate them."""
+        return None
+
     def clipped_grads(
         self,
         module: nn.Module,
