@@ -174,21 +174,29 @@ def test_bf16_sums_and_noise_are_fp32_and_cast_once(mode, sigma):
 
 
 def test_clipping_maths_runs_with_full_fp32_products_whatever_the_model_uses():
-    """TF32 on for the model (GPUs) must not reach the norms and clipped sums: the clipper sets the
-    highest fp32 matmul precision while it clips and restores the caller's afterwards."""
+    """TF32 on for the model (GPUs) must not reach the norms and clipped sums, nor cuBLAS's 16-bit
+    split-K reductions the fp32 accumulation of bf16 operands: the clipper sets the highest fp32
+    matmul precision and turns those reductions off while it clips, and restores the caller's
+    settings afterwards."""
     from dpnotes.privacy.clipping import PerExampleClipper
 
+    matmul = torch.backends.cuda.matmul
     seen = []
     model = nn.Sequential(nn.Linear(4, 3))
-    model[0].register_full_backward_hook(lambda *args: seen.append(torch.get_float32_matmul_precision()))
+    model[0].register_full_backward_hook(lambda *args: seen.append((
+        torch.get_float32_matmul_precision(), matmul.allow_bf16_reduced_precision_reduction,
+        matmul.allow_fp16_reduced_precision_reduction)))
     clipper = PerExampleClipper(model, max_grad_norm=1.0)
-    before = torch.get_float32_matmul_precision()
+    before = torch.get_float32_matmul_precision(), matmul.allow_bf16_reduced_precision_reduction
     torch.set_float32_matmul_precision("high")
+    matmul.allow_bf16_reduced_precision_reduction = True
     try:
         with clipper.recording(5):
             losses = model(torch.randn(5, 4)).square().sum(1)
         clipper.backward(losses)
-        assert seen and set(seen) == {"highest"}
+        assert seen and set(seen) == {("highest", False, False)}
         assert torch.get_float32_matmul_precision() == "high"
+        assert matmul.allow_bf16_reduced_precision_reduction is True
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(before[0])
+        matmul.allow_bf16_reduced_precision_reduction = before[1]

@@ -266,17 +266,27 @@ def refuse_reentrant_checkpointing(model: nn.Module) -> None:
                 )
 
 
+REDUCED_PRECISION_REDUCTIONS = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+
+
 @contextlib.contextmanager
 def exact_fp32_matmuls() -> Iterator[None]:
-    """Norms and clipped sums with full fp32 products. TF32 (on for the model's own matmuls on
+    """Norms and clipped sums with full fp32 products and sums. TF32 (on for the model's own matmuls on
     GPUs, models.compute_device) keeps 10 mantissa bits: a norm off by 1e-3 would let a clipped
     gradient exceed C, and bk's sums would disagree with the norms they were clipped by."""
     saved = torch.get_float32_matmul_precision()
+    matmul = torch.backends.cuda.matmul
+    reduced = {name: getattr(matmul, name) for name in REDUCED_PRECISION_REDUCTIONS}
     torch.set_float32_matmul_precision("highest")
+    # bf16/fp16 operands (rules.linear.fp32_bmm) accumulate in fp32 only if cuBLAS may not reduce in 16 bits.
+    for name in REDUCED_PRECISION_REDUCTIONS:
+        setattr(matmul, name, False)
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(saved)
+        for name, allowed in reduced.items():
+            setattr(matmul, name, allowed)
 
 
 class PerExampleClipper:

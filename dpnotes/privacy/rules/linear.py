@@ -30,16 +30,26 @@ def example_chunks(*tensors: torch.Tensor) -> Iterator[slice]:
         yield slice(start, start + step)
 
 
+def fp32_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Batched x @ y with an fp32 result, from the operands as they are. bf16/fp16 operands on CUDA
+    go to the tensor cores with fp32 accumulation (bmm's out_dtype) instead of being copied to fp32
+    first; elsewhere (CPU has no such kernel) they are upcast. The product of two bf16 (or fp16)
+    numbers is exact in fp32, so both ways give the fp32 product of the same numbers."""
+    if x.is_cuda and x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(x, y, out_dtype=torch.float32)
+    return torch.bmm(x.float(), y.float())
+
+
 def weight_sq_norms(activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Per-example ||Σ_t g_t a_tᵀ||²_F for activations (B, T, d) and backprops (B, T, p), fp32."""
     tokens, d, p = activations.shape[1], activations.shape[2], backprops.shape[2]
     out = torch.empty(activations.shape[0], device=activations.device, dtype=torch.float32)
     for rows in example_chunks(activations, backprops):
-        a, g = activations[rows].float(), backprops[rows].float()
+        a, g = activations[rows], backprops[rows]
         if 2 * tokens * tokens < p * d:
-            out[rows] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+            out[rows] = (fp32_bmm(a, a.transpose(1, 2)) * fp32_bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
         else:
-            out[rows] = torch.bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
+            out[rows] = fp32_bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
     return out
 
 
@@ -66,7 +76,7 @@ class LinearRule(NormRule):
             return None
         grads = {}
         if "weight" in trainable:
-            weight = torch.cat([torch.bmm(grad_output[rows].float().transpose(1, 2), saved[rows].float())
+            weight = torch.cat([fp32_bmm(grad_output[rows].transpose(1, 2), saved[rows])
                                 for rows in example_chunks(saved, grad_output)])
             grads["weight"] = weight.transpose(1, 2) if isinstance(module, Conv1D) else weight
         if "bias" in trainable:
