@@ -42,10 +42,14 @@ def test_norm_pass_terms():
     model = PRESETS["llama-7b"]
     lora = RunShape(seq=2048, micro_batch=1, lora_rank=16, zero=3)
     est = estimate(model, lora)
-    # backprops of lora_A (r wide) and lora_B (d_out wide) for q,k,v,o in 32 layers, bf16
-    backprops = 32 * 2048 * 2 * 4 * (16 + 4096)
+    # the backprops of one layer at a time: a lora_B (d_out = 4096 wide), bf16; nothing kept under ZeRO
+    backprops = 2048 * 4096 * 2
     transient = 4096 * 16 * 4  # per-example gradient of a LoRA factor beats 2·T² Gram matrices
     assert est["dp_norm_pass"] == backprops + transient
+    # book-keeping on the DDP path keeps each LoRA factor's per-example gradient (4096·16 fp32), not
+    # its inputs and backprops (2048·4112 bf16)
+    ddp = estimate(model, replace(lora, zero=0, clipping="bk"))
+    assert ddp["dp_norm_pass"] == backprops + 32 * 4 * 2 * 4096 * 16 * 4 + transient
     full = estimate(model, replace(lora, lora_rank=None))
     assert full["dp_norm_pass"] >= 2 * 2048 * 2048 * 4  # ghost Gram matrices for 4096×11008 layers
 

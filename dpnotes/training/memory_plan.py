@@ -12,10 +12,13 @@ Estimates, per GPU, in bytes (bf16 compute, fp32 master weights and Adam states)
   activations    (no activation checkpointing unless asked) per token per layer 2·(8h + 3·kv + 4·I) bytes (inputs of norms, q/k/v/o, rotary
                  copies, SDPA output, SwiGLU gate/up/act/product; flash/SDPA attention, no
                  checkpointing) + logits b·T·V·(2 + 4 + 4) (bf16 logits, fp32 copy, fp32 grad)
-  DP norm pass   backprops of every clipped layer, held at once: Σ b·T·d_out·2 (+ b·T·d_in·2 of
-                 stored inputs under book-keeping on the DDP path), plus the largest per-layer
-                 transient: ghost Gram matrices 2·b·T²·4 or the instantiated per-example gradient
-                 b·p·d·4, whichever the rule picks (the smaller)
+  DP norm pass   the backprops of one clipped layer at a time (each is reduced as the pass reaches
+                 it): max b·T·d_out·2, plus, under book-keeping on the DDP path, what every clipped
+                 layer keeps for the clipped sum: its per-example gradients b·d_in·d_out·4 where
+                 d_in·d_out ≤ T·(d_in + d_out) (LoRA factors), else its inputs and backprops
+                 b·T·(d_in + d_out)·2; plus the largest per-layer transient: ghost Gram matrices
+                 2·b·T²·4 or the instantiated per-example gradient b·p·d·4, whichever the rule
+                 picks (the smaller)
   ZeRO-3 gathers 2 layers of bf16 weights in flight (prefetch) + the embedding matrix
   overhead       CUDA context + allocator slack: 2 GiB + 10 %
   loading        held while the model loads, before training (the total is the larger of the two):
@@ -138,12 +141,13 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, float]:
         layer_acts = model.layers * per_layer_act
     activations = layer_acts + b * t * model.vocab * (2 + 4 + 4)
     layers = clipped_layers(model, run)
-    backprops = model.layers * sum(b * t * d_out * wb for _, d_out in layers)
-    stored_inputs = 0.0
-    if run.clipping == "bk" and stage == 0:
-        stored_inputs = model.layers * sum(b * t * d_in * wb for d_in, _ in layers)
+    backprops = max(b * t * d_out * wb for _, d_out in layers)
+    kept = 0.0
+    if run.clipping == "bk" and stage == 0:  # rules.linear.LinearRule.per_example_grads decides
+        kept = model.layers * sum(b * d_in * d_out * 4 if d_in * d_out <= t * (d_in + d_out) else b * t * (d_in + d_out) * wb
+                                  for d_in, d_out in layers)
     transient = max(min(2 * b * t * t * 4, b * d_in * d_out * 4) for d_in, d_out in layers)
-    norm_pass = backprops + stored_inputs + transient
+    norm_pass = backprops + kept + transient
     gathers = 0.0
     if stage == 3:
         per_layer = sum(a * c for a, c in model.linear_shapes().values())
