@@ -132,31 +132,41 @@ def toy(shape: Shape, dry_run: bool) -> Shape:
 
 # ---- parts (each runs in its own process on the GPU) -----------------------------------------
 def part_norms(args) -> None:
-    """Clipper norms of the bf16 model vs the oracle's on an fp32 copy of the same weights."""
+    """Clipper norms and clipped sums of the bf16 model vs the oracle's on an fp32 copy of the same
+    weights (on CUDA the rules take bf16 operands to fp32-accumulating matmuls: rules.linear.fp32_bmm)."""
     import copy
 
     import torch
 
     from dpnotes.privacy.clipping import PerExampleClipper
     from dpnotes.privacy.losses import causal_lm_losses
-    from dpnotes.testing.dp_oracle import per_example_gradients
+    from dpnotes.testing.dp_oracle import clipped_sum_reference, flat_clipped_sum, per_example_gradients
 
     device, dtype = device_and_dtype(args.dry_run)
     shape = Shape("tiny", **{**TOY, "hidden": 128, "layers": 2, "batch": 4, "seq": 64}, lora_rank=None)
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    on = f"{str(dtype).removeprefix('torch.')} on {device.type}"
     for setup, rank in (("LoRA r=8", 8), ("full", None)):
         torch.manual_seed(0)
         base = trainable(llama(shape, device, torch.float32), rank)
-        oracle = per_example_gradients(base, causal_lm_losses, random_tokens(shape, device)).float().norm(dim=1)
+        tokens = random_tokens(shape, device)
+        per_example = per_example_gradients(base, causal_lm_losses, tokens).float()
+        oracle = per_example.norm(dim=1)
+        max_grad_norm = float(oracle.median())  # about half the examples clipped
+        _, oracle_sum = clipped_sum_reference(per_example, max_grad_norm)
         model = copy.deepcopy(base).to(dtype)
         for mode in ("bk", "ghost"):
-            clipper = PerExampleClipper(model, max_grad_norm=1e6, mode=mode)  # nothing clipped: the norms are the point
+            clipper = PerExampleClipper(model, max_grad_norm=max_grad_norm, mode=mode)
             with clipper.recording(shape.batch):
-                losses = causal_lm_losses(model, random_tokens(shape, device))
+                losses = causal_lm_losses(model, tokens)
             norms = clipper.backward(losses).norms.float().to(oracle.device)
             error = float(((norms - oracle).abs() / oracle).max())
-            tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
-            emit("norms vs oracle", f"{setup}, {mode}, {str(dtype).removeprefix('torch.')} on {device.type}",
-                 "ok" if error <= tolerance else "FAIL", note=f"max relative error {error:.2e} (tolerance {tolerance:g})")
+            emit("norms vs oracle", f"{setup}, {mode}, {on}", "ok" if error <= tolerance else "FAIL",
+                 note=f"max relative error {error:.2e} (tolerance {tolerance:g})")
+            clipped = flat_clipped_sum(clipper).float().to(oracle_sum.device)
+            error = float((clipped - oracle_sum).norm() / oracle_sum.norm())
+            emit("clipped sum vs oracle", f"{setup}, {mode}, {on}", "ok" if error <= tolerance else "FAIL",
+                 note=f"relative error {error:.2e} (tolerance {tolerance:g})")
             model.zero_grad(set_to_none=True)
 
 

@@ -19,7 +19,7 @@ def test_the_dry_run_prints_one_dated_table_with_a_row_per_check(tmp_path, capsy
     assert re.match(r"### GPU check, \d{4}-\d\d-\d\d \d\d:\d\d UTC: CPU \(dry run", table)
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert {row[0].removeprefix("| ") for row in rows} == {
-        "requirements", "norms vs oracle", "collectives", "launch DDP-style", "launch ZeRO-3", "speed 1B full", "speed 8B LoRA r=16 q,k,v,o"}
+        "requirements", "norms vs oracle", "clipped sum vs oracle", "collectives", "launch DDP-style", "launch ZeRO-3", "speed 1B full", "speed 8B LoRA r=16 q,k,v,o"}
     assert all(row[2] in ("ok", "dry run") for row in rows), table
     assert len([row for row in rows if row[0].startswith("| speed")]) == 6  # non-private, bk, ghost × 2 models
     assert (tmp_path / "benchmarks.md").read_text().strip() == table.strip()

@@ -14,9 +14,8 @@ Estimates, per GPU, in bytes (bf16 compute, fp32 master weights and Adam states)
                  checkpointing) + logits b·T·V·(2 + 4 + 4) (bf16 logits, fp32 copy, fp32 grad)
   DP norm pass   the backprops of one clipped layer at a time (each is reduced as the pass reaches
                  it): max b·T·d_out·2, plus, under book-keeping on the DDP path, what every clipped
-                 layer keeps for the clipped sum: its per-example gradients b·d_in·d_out·4 where
-                 d_in·d_out ≤ T·(d_in + d_out) (LoRA factors), else its inputs and backprops
-                 b·T·(d_in + d_out)·2; plus the largest per-layer transient: ghost Gram matrices
+                 layer keeps for the clipped sum: the smaller of its per-example gradients
+                 b·d_in·d_out·4 (LoRA factors) and its inputs and backprops b·T·(d_in + d_out)·2; plus the largest per-layer transient: ghost Gram matrices
                  2·b·T²·4 or the instantiated per-example gradient b·p·d·4, whichever the rule
                  picks (the smaller)
   ZeRO-3 gathers 2 layers of bf16 weights in flight (prefetch) + the embedding matrix
@@ -144,8 +143,7 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, float]:
     backprops = max(b * t * d_out * wb for _, d_out in layers)
     kept = 0.0
     if run.clipping == "bk" and stage == 0:  # rules.linear.LinearRule.per_example_grads decides
-        kept = model.layers * sum(b * d_in * d_out * 4 if d_in * d_out <= t * (d_in + d_out) else b * t * (d_in + d_out) * wb
-                                  for d_in, d_out in layers)
+        kept = model.layers * sum(min(b * d_in * d_out * 4, b * t * (d_in + d_out) * wb) for d_in, d_out in layers)
     transient = max(min(2 * b * t * t * 4, b * d_in * d_out * 4) for d_in, d_out in layers)
     norm_pass = backprops + kept + transient
     gathers = 0.0

@@ -3,8 +3,9 @@
 grad_W(b) = Σ_t g_bt a_btᵀ. Its squared norm is either the ghost norm Σ_ts (a_t·a_s)(g_t·g_s),
 costing O(T²) memory per example, or the instantiated (p × d) gradient; we pick the smaller,
 as in mixed ghost clipping (Bu et al. 2022): ghost when 2T² < p·d. For book-keeping, a layer whose
-per-example gradients are smaller than its activations and backprops (p·d < T·(p + d): LoRA
-factors) has them instantiated in the norm pass, which then frees the rest.
+per-example gradients take fewer bytes than its activations and backprops (4·p·d in fp32 against
+T·(p + d) in the model's dtype: LoRA factors) has them instantiated in the norm pass, which then
+frees the rest.
 """
 from __future__ import annotations
 
@@ -71,13 +72,14 @@ class LinearRule(NormRule):
     def per_example_grads(self, module, saved, grad_output, trainable):
         grad_output = as_tokens(grad_output)
         tokens, d, p = saved.shape[1], saved.shape[2], grad_output.shape[2]
-        size = ("weight" in trainable) * p * d + ("bias" in trainable) * p
-        if size > tokens * (p + d):  # a full-size layer: keep T·(p + d) per example, not p·d
-            return None
+        fp32_bytes = 4 * (("weight" in trainable) * p * d + ("bias" in trainable) * p)
+        if fp32_bytes > tokens * (d * saved.element_size() + p * grad_output.element_size()):
+            return None  # a full-size layer: its inputs and backprops are the smaller
         grads = {}
         if "weight" in trainable:
-            weight = torch.cat([fp32_bmm(grad_output[rows].transpose(1, 2), saved[rows])
-                                for rows in example_chunks(saved, grad_output)])
+            weight = grad_output.new_empty(saved.shape[0], p, d, dtype=torch.float32)
+            for rows in example_chunks(saved, grad_output):
+                weight[rows] = fp32_bmm(grad_output[rows].transpose(1, 2), saved[rows])
             grads["weight"] = weight.transpose(1, 2) if isinstance(module, Conv1D) else weight
         if "bias" in trainable:
             grads["bias"] = _token_sums(grad_output)
@@ -101,4 +103,7 @@ class LinearRule(NormRule):
 
 def _token_sums(grad_output: torch.Tensor) -> torch.Tensor:
     """(B, p) fp32 sums over tokens: the per-example bias gradients."""
-    return torch.cat([grad_output[rows].float().sum(dim=1) for rows in example_chunks(grad_output)])
+    sums = grad_output.new_empty(grad_output.shape[0], grad_output.shape[2], dtype=torch.float32)
+    for rows in example_chunks(grad_output):
+        sums[rows] = grad_output[rows].float().sum(dim=1)
+    return sums
