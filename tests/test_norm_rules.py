@@ -436,3 +436,25 @@ def test_fp32_copies_made_one_example_at_a_time_change_nothing(case, mode, monke
         result, clipped_sum = run_clipper(model, data, mode, 0.5, units)
         torch.testing.assert_close(result.norms.double(), ref_norms, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(clipped_sum, ref_sum, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_no_bias", "linear_ghost_path", "conv1d"])
+def test_the_tensor_core_branch_of_the_bookkeeping_sum_equals_the_oracle(case, monkeypatch):
+    """bf16 operands on CUDA form each example's gradient with fp32 accumulation and scale it by c_b in
+    fp32 (scaling the bf16 backprop first would round it). CPU has no such matmul: here the branch
+    runs with an fp32 stand-in for it, on layers that keep their inputs and backprops."""
+    from dpnotes.privacy.rules import linear
+
+    monkeypatch.setattr(linear, "tensor_cores", lambda *operands: True)
+    monkeypatch.setattr(linear, "fp32_bmm", lambda x, y: torch.bmm(x.float(), y.float()))
+    monkeypatch.setattr(linear.LinearRule, "per_example_grads", lambda self, *args: None)
+    build, make_input = CASES[case]
+    model = Probe(build()).double()
+    data = make_batch(make_input, 5, 4)
+    data["x"] = data["x"].double()
+    per_example = per_example_gradients(model, probe_losses, data)
+    for units in (None, torch.tensor([2, 0, 2, 1, 2])):
+        ref_norms, ref_sum = clipped_sum_reference(per_example, 0.5, units)
+        result, clipped_sum = run_clipper(model, data, "bk", 0.5, units)
+        torch.testing.assert_close(result.norms.double(), ref_norms, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(clipped_sum, ref_sum, rtol=1e-4, atol=1e-7)

@@ -31,12 +31,17 @@ def example_chunks(*tensors: torch.Tensor) -> Iterator[slice]:
         yield slice(start, start + step)
 
 
+def tensor_cores(*operands: torch.Tensor) -> bool:
+    """bf16/fp16 operands on CUDA: matmuls take them as they are and accumulate in fp32."""
+    return all(t.is_cuda and t.dtype == operands[0].dtype for t in operands) and operands[0].dtype in (torch.bfloat16, torch.float16)
+
+
 def fp32_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Batched x @ y with an fp32 result, from the operands as they are. bf16/fp16 operands on CUDA
     go to the tensor cores with fp32 accumulation (bmm's out_dtype) instead of being copied to fp32
     first; elsewhere (CPU has no such kernel) they are upcast. The product of two bf16 (or fp16)
     numbers is exact in fp32, so both ways give the fp32 product of the same numbers."""
-    if x.is_cuda and x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16):
+    if tensor_cores(x, y):
         return torch.bmm(x, y, out_dtype=torch.float32)
     return torch.bmm(x.float(), y.float())
 
@@ -89,12 +94,17 @@ class LinearRule(NormRule):
         grad_output = as_tokens(grad_output)
         sums = {}
         for rows in example_chunks(saved, grad_output):
-            g = grad_output[rows].float() * coef[rows].float()[:, None, None]
+            c = coef[rows].float()
             if "weight" in trainable:
-                part = torch.einsum("btp,btd->pd", g, saved[rows].float())
+                if tensor_cores(grad_output, saved):
+                    # Scaling a bf16 backprop by c would round it: each example's gradient is formed
+                    # exactly (fp32 accumulation) and scaled in fp32 instead.
+                    part = torch.tensordot(c, fp32_bmm(grad_output[rows].transpose(1, 2), saved[rows]), dims=1)
+                else:
+                    part = torch.einsum("btp,btd->pd", grad_output[rows].float() * c[:, None, None], saved[rows].float())
                 sums["weight"] = sums["weight"] + part if "weight" in sums else part
             if "bias" in trainable:
-                part = g.sum(dim=(0, 1))
+                part = (grad_output[rows].float().sum(dim=1) * c[:, None]).sum(dim=0)
                 sums["bias"] = sums["bias"] + part if "bias" in sums else part
         if "weight" in sums and isinstance(module, Conv1D):
             sums["weight"] = sums["weight"].t()
