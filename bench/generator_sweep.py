@@ -2,6 +2,7 @@
 (not a test; CPU, ~5 minutes per setting in bf16).
 
     python bench/generator_sweep.py --out /tmp/sweep "learning_rate=0.01" "learning_rate=0.002 privacy.steps=24"
+    python bench/generator_sweep.py --out /tmp/steps --epsilon inf --per-label 30 "privacy.steps=48"
 
 Each argument is one setting: `dpnotes pipeline` settings of the training (over
 dpnotes/study/configs/pipeline_demo.yaml and its train config, without the `train.` prefix).
@@ -61,9 +62,11 @@ def timed(stage) -> float:
     return time.perf_counter() - started
 
 
-def run_setting(out: Path, setting: str, epsilon: float, bootstrap: int) -> dict:
+def run_setting(out: Path, setting: str, epsilon: float, bootstrap: int, per_label: int | None) -> dict:
     """Train, merge, generate (each skipped when done) and score one setting."""
     overrides = [f"train.{item}" for item in setting.split()]
+    if per_label is not None:
+        overrides.append(f"synthetic_per_label={per_label}")
     config = load_pipeline_config(DEMO, [f"output_dir={out / setting_name(setting)}", "report_to=none",
                                          f"epsilons=[{epsilon}]", *overrides])
     pipeline = Pipeline(config)
@@ -103,11 +106,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--per-label", type=int, help="synthetic notes per label (default: the demo's)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: one setting, appended to results.jsonl
     args = parser.parse_args()
     results = args.out / "results.jsonl"
     if args.one is not None:
-        row = real_reference(args.out, args.bootstrap) if args.one == REAL else run_setting(args.out, args.one, args.epsilon, args.bootstrap)
+        row = (real_reference(args.out, args.bootstrap) if args.one == REAL
+               else run_setting(args.out, args.one, args.epsilon, args.bootstrap, args.per_label))
         with results.open("a") as out:
             out.write(json.dumps(row) + "\n")
         log(f"{args.one}: dev micro-F1 {row['dev']['micro_f1']:.3f}")
@@ -119,8 +124,9 @@ def main() -> None:
             continue
         log(f"{setting}: start")
         # One process per setting: each training's model, threads and accelerator state end with it.
+        per_label = [] if args.per_label is None else ["--per-label", str(args.per_label)]
         done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--epsilon", str(args.epsilon),
-                               "--bootstrap", str(args.bootstrap), "--one", setting])
+                               "--bootstrap", str(args.bootstrap), *per_label, "--one", setting])
         if done.returncode != 0:
             log(f"{setting}: failed (exit {done.returncode}), continuing")
     print_table(list(finished(results).values()))
