@@ -52,6 +52,25 @@ def test_results_are_written_for_finished_parts_and_say_what_has_not_run(tmp_pat
     assert "## Part B\n\nNot run yet." in text
 
 
+def test_a_part_measured_elsewhere_keeps_its_section(tmp_path):
+    """Re-running one part on a machine without the others' run folders must not wipe what they measured."""
+    root = tmp_path / "study"
+    (root / "a").mkdir(parents=True)
+    results = tmp_path / "results.md"
+    results.write_text("# old\n\n## Part A\n\nold A\n\n## Part B\n\n| measured B | 0.5 |\n\nTargets:\n\n- met\n")
+    study = StudyConfig(str(root), str(results), {
+        "a": StudyPart("dpnotes/study/configs/study_default.yaml", "Part A", only="baselines"),
+        "b": StudyPart("dpnotes/study/configs/study_default.yaml", "Part B"),
+        "c": StudyPart("dpnotes/study/configs/study_default.yaml", "Part C"),
+    })
+    text = write_results(study, {}).read_text()
+    assert "old A" not in text  # its folder is here: rewritten from it
+    kept = text[text.index("## Part B"):text.index("## Part C")]
+    assert "| measured B | 0.5 |" in kept and "- met" in kept and "dpnotes study --only b" in kept
+    assert "## Part C\n\nNot run yet." in text
+    assert write_results(study, {}).read_text() == text  # kept once, not re-annotated
+
+
 def test_unknown_parts_are_refused(capsys):
     from dpnotes.study.parts import main
 

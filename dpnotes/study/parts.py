@@ -8,7 +8,8 @@
 Each part is a pipeline run (dpnotes.study.pipeline): generators at their ε grid, DP coders at theirs, or
 only the DP coders (`only: baselines`). Every stage resumes where it stopped, so an interrupted
 study is re-run with the same command. results.md gets one section per part with 95 % CIs and each
-target of issue 11 checked against the measured numbers.
+target of issue 11 checked against the measured numbers; a part with no run folder on this machine
+keeps the section it had, marked as kept.
 """
 from __future__ import annotations
 
@@ -156,7 +157,27 @@ def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: fl
     return lines
 
 
+KEPT = ("Kept from the previous results file: this machine has no run folder for this part "
+        "(re-run it with `dpnotes study --only {name}`).")
+
+
+def _sections(path: Path) -> dict[str, list[str]]:
+    """{"## title" line: the section's lines up to the next heading} of an existing results file."""
+    sections, current = {}, None
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.startswith("## "):
+            current = sections.setdefault(line, [])
+        if current is not None:
+            current.append(line)
+    return sections
+
+
 def write_results(study: StudyConfig, seconds: dict[str, float]) -> Path:
+    """Rewrite the results file: a section per part from its run folder. A part whose folder is not
+    on this machine keeps its section from the file as it was (measured elsewhere or before), so a
+    study spread over machines or sessions loses nothing; one never measured says so."""
+    path = ROOT / study.results if not Path(study.results).is_absolute() else Path(study.results)
+    previous = _sections(path)
     lines = [f"# Measured results: the privacy–utility study ({time.strftime('%Y-%m-%d')}, CPU, 2 cores)", "",
              "Made by `make study` (`dpnotes study --config dpnotes/study/configs/study.yaml`); 95 % CIs are "
              "bootstrap intervals over the real test notes. Synthetic notes and DP coders are scored on the real "
@@ -166,11 +187,13 @@ def write_results(study: StudyConfig, seconds: dict[str, float]) -> Path:
              "(many passes over a small corpus) is in docs/memorisation.md.", ""]
     for name, part in study.parts.items():
         config = part_pipeline(study, name)
-        if not Path(config.output_dir).exists():
-            lines += [f"## {part.title or name}", "", "Not run yet.", ""]
-            continue
-        lines += part_section(name, part, config, seconds.get(name))
-    path = ROOT / study.results if not Path(study.results).is_absolute() else Path(study.results)
+        heading, kept, note = f"## {part.title or name}", previous.get(f"## {part.title or name}", []), KEPT.format(name=name)
+        if Path(config.output_dir).exists():
+            lines += part_section(name, part, config, seconds.get(name))
+        elif kept and "Not run yet." not in kept:
+            lines += kept if note in kept else [*kept[:2], note, "", *kept[2:]]
+        else:
+            lines += [heading, "", "Not run yet.", ""]
     path.write_text("\n".join(lines))
     return path
 
