@@ -10,8 +10,9 @@ coefficients c_i. Then:
 
 - ghost:  a second backward of Σ c_i L_i through the recorded graph writes Σ c_i g_i;
 - bk:     book-keeping: Σ c_i g_i is assembled from what the norm pass kept of each layer: its
-          per-unit gradients where they are smaller than its activations and backprops (LoRA
-          factors: r·d numbers per unit against T·(r + d)), else the activations and backprops.
+          per-unit gradients where they take fewer bytes than its activations and backprops
+          (LoRA factors: 4·r·d per unit in fp32 against T·(r + d) in the model's dtype), else the
+          activations and backprops.
           There is a single backward pass.
 
 With privacy unit = patient, a patient's examples are concatenated along the token axis before
