@@ -19,13 +19,14 @@ from dpnotes.privacy.rules.registry import NormRule, as_tokens, register_norm_ru
 
 # fp32 copies of bf16/fp16 activations and backprops are made a few examples at a time, at most about
 # this many bytes: an LM head's (B, T, V) backprop is never copied whole (16.8 GB in fp32 at B = 8,
-# T = 4,096, V = 128k). Products of bf16 numbers are exact in fp32, so the chunks change nothing.
+# T = 4,096, V = 128k). The upcast is exact and the chunks only split the sum over examples.
 FP32_CHUNK_BYTES = 2**28
 
 
-def example_chunks(*tensors: torch.Tensor) -> Iterator[slice]:
-    """Slices of the leading (example) axis whose fp32 copies of `tensors` take ~FP32_CHUNK_BYTES."""
-    per_example = 4 * sum(t[0].numel() for t in tensors)
+def example_chunks(*tensors: torch.Tensor, extra: int = 0) -> Iterator[slice]:
+    """Slices of the leading (example) axis whose fp32 copies of `tensors`, plus `extra` fp32 numbers
+    per example, take ~FP32_CHUNK_BYTES."""
+    per_example = 4 * (sum(t[0].numel() for t in tensors) + extra)
     step = max(1, FP32_CHUNK_BYTES // max(per_example, 1))
     for start in range(0, tensors[0].shape[0], step):
         yield slice(start, start + step)
@@ -92,11 +93,13 @@ class LinearRule(NormRule):
 
     def clipped_grads(self, module, saved, grad_output, coef, trainable):
         grad_output = as_tokens(grad_output)
+        exact_per_example = "weight" in trainable and tensor_cores(grad_output, saved)
         sums = {}
-        for rows in example_chunks(saved, grad_output):
+        extra = grad_output.shape[2] * saved.shape[2] if exact_per_example else 0  # each example's (p, d) gradient
+        for rows in example_chunks(saved, grad_output, extra=extra):
             c = coef[rows].float()
             if "weight" in trainable:
-                if tensor_cores(grad_output, saved):
+                if exact_per_example:
                     # Scaling a bf16 backprop by c would round it: each example's gradient is formed
                     # exactly (fp32 accumulation) and scaled in fp32 instead.
                     part = torch.tensordot(c, fp32_bmm(grad_output[rows].transpose(1, 2), saved[rows]), dims=1)
