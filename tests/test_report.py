@@ -217,3 +217,18 @@ def test_terminal_summary_fits_80_columns_without_cutting_a_number(study, capsys
     assert "…" not in out and "0.4" in out and "95 % CIs: report.html" in out
     assert "[0.3, 0.5]" not in out  # the CI is the report's; the terminal shows the value
     assert max(map(len, out.splitlines())) <= 80
+
+
+def test_terminal_summary_drops_columns_with_nothing_measured(study, capsys, monkeypatch):
+    """A part without canaries (MTSamples, CMC-2007) has '–' in both exposure columns: they are left
+    out rather than squeezing the numbers into folded lines."""
+    from dpnotes.study.report import _print_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    root, _ = study
+    summary = collect(root, [1.0, 8.0, INF])
+    for run in summary["runs"]:
+        run["mean_member_exposure"] = run["mean_nonmember_exposure"] = None
+    _print_summary(summary)
+    out = capsys.readouterr().out
+    assert "exposu" not in out and "MIA AUC" in out and "0.4" in out  # a folded header would read "exposu / re"

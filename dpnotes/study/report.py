@@ -633,10 +633,11 @@ def _print_summary(summary: dict) -> None:
         """The table's `columns` (full name → short name) that a terminal has room for, each value
         without its CI (the report has them)."""
         header, rows = table
-        keep = [header.index(column) for column in columns if any(row[header.index(column)] for row in rows)]
+        # A column with nothing measured (no caveats; "–" where a part plants no canaries) gives its width to the numbers.
+        keep = [header.index(column) for column in columns if any(row[header.index(column)] not in ("", _fmt(None)) for row in rows)]
         with_ci = any(" [" in row[i] for row in rows for i in keep)
         shown = Table(title=title, caption="95 % CIs: report.html" if with_ci else None)
-        for index in keep:  # an empty column (no caveats) gives its width to the numbers
+        for index in keep:
             shown.add_column(columns[header[index]], overflow="fold")  # a narrow terminal wraps a value, never cuts it
         for row in rows:
             shown.add_row(*(row[i].split(" [")[0] for i in keep))
