@@ -187,7 +187,8 @@ def write_results(study: StudyConfig, seconds: dict[str, float]) -> Path:
              "(many passes over a small corpus) is in docs/memorisation.md.", ""]
     for name, part in study.parts.items():
         config = part_pipeline(study, name)
-        heading, kept, note = f"## {part.title or name}", previous.get(f"## {part.title or name}", []), KEPT.format(name=name)
+        heading = f"## {part.title or name}"
+        kept, note = previous.get(heading, []), KEPT.format(name=name)
         if Path(config.output_dir).exists():
             lines += part_section(name, part, config, seconds.get(name))
         elif kept and "Not run yet." not in kept:
