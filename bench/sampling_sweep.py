@@ -25,7 +25,7 @@ from generator_sweep import REAL, dev_halves, dev_score, finished, log, setting_
 
 from dpnotes import CHECKOUT
 from dpnotes.corpus.schema import Note
-from dpnotes.evaluation.references import titles_only_notes
+from dpnotes.evaluation.references import prompt_only_notes
 from dpnotes.generation.backends import SamplingConfig
 from dpnotes.generation.conditioning import CodeSetDistribution
 from dpnotes.generation.synthesize import CONDITIONING, synthesize
@@ -69,7 +69,7 @@ def run_setting(pipeline: Pipeline, out: Path, setting: str, bootstrap: int) -> 
     g = pipeline.config.generation
     if run_name == TITLES:
         code_sets = distribution.sample(count or pipeline.synthetic_count, 0)
-        synthetic = titles_only_notes([Note(f"titles-{i:06d}", f"titles-{i:06d}", "", list(codes))
+        synthetic = prompt_only_notes([Note(f"titles-{i:06d}", f"titles-{i:06d}", "", list(codes))
                                        for i, codes in enumerate(code_sets)], pipeline.titles)
         return {"setting": setting, "synthetic_notes": len(synthetic), "dev": dev_scored(pipeline, synthetic, bootstrap)}
     sampling = replace(SamplingConfig(g.max_new_tokens, g.temperature, batch_size=g.batch_size), **options)

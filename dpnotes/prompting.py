@@ -9,15 +9,20 @@ to nudge it towards the corpus (Li et al. 2021; Yue et al. 2023 — bare "Codes:
 135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
 p(note | codes) and spends no budget on the (private) code distribution, which is released
 separately (dpnotes/generation/conditioning.py).
+
+A run may add key terms per code (`keywords`): words of a public vocabulary that the notes of each code
+use, released with DP by the training run (dpnotes/privacy/keywords.py) and recorded in its format, so
+that generation prompts with exactly the terms training did. Their (ε, δ) is in the run's report.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
 from dpnotes.corpus.code_lists import corpus_kind
+from dpnotes.privacy.keywords import keywords_line
 
 IGNORE_INDEX = -100  # the label of prompt and padding tokens: no loss, no gradient
 
@@ -63,6 +68,7 @@ class PromptFormat:
     document: str = "clinical note"  # what the instruction asks for, e.g. "hospital discharge summary"
     code_system: str = "none"  # one of CODE_SYSTEMS: where code titles come from
     chat_template: bool = True  # phrase it in the tokenizer's chat template when there is one
+    keywords: dict[str, list[str]] | None = None  # {code: key terms}, a DP release of the training run
 
     def __post_init__(self):
         if self.code_system not in CODE_SYSTEMS:
@@ -70,7 +76,9 @@ class PromptFormat:
 
     def instruction(self, codes: Sequence[str]) -> str:
         heading = "Specialty" if self.code_system == "specialty" else "Diagnoses"
-        return f"Write a {self.document}.\n{heading}: {'; '.join(code_title(self.code_system, c) for c in codes)}"
+        text = f"Write a {self.document}.\n{heading}: {'; '.join(code_title(self.code_system, c) for c in codes)}"
+        terms = keywords_line(self.keywords or {}, codes)
+        return f"{text}\nKey terms: {terms}" if terms else text
 
     def render(self, codes: Sequence[str], tokenizer=None) -> str:
         """The prompt text, ending where the note begins."""
@@ -82,6 +90,9 @@ class PromptFormat:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_keywords(self, keywords: dict[str, list[str]]) -> PromptFormat:
+        return replace(self, keywords=keywords)
 
 
 # What each corpus kind holds, from the data sets' public descriptions.

@@ -51,6 +51,10 @@ class RunDir:
         return self.root / PRIVACY_REPORT
 
     @property
+    def keywords(self) -> Path:  # the run's DP key terms per code, released once
+        return self.root / "keywords.json"
+
+    @property
     def merged(self) -> Path:
         return self.root / "merged"
 

@@ -50,8 +50,8 @@ def test_pipeline_writes_the_report_with_each_epsilon(study):
     assert by_target[8.0]["total_epsilon_with_conditioning"] == by_target[8.0]["epsilon_spent"]
     assert by_target[8.0]["privacy_unit"] == unit and "privacy_unit" in (root / "report.md").read_text()
     assert summary["baselines"]["real_tfidf"]["metrics"]["micro_f1"] > 0
-    assert set(summary["baselines"]["titles_only"]) == {"8", "inf"}  # beside each ε's notes
-    assert all(row["titles_only_micro_f1"] is not None for row in summary["runs"])
+    assert set(summary["baselines"]["prompt_only"]) == {"8", "inf"}  # beside each ε's notes
+    assert all(row["prompt_only_micro_f1"] is not None for row in summary["runs"])
 
 
 def test_rerun_skips_completed_stages(study, capsys):

@@ -95,22 +95,22 @@ def test_summary_table_per_epsilon(study):
     header, rows = summary_table(collect(root, [1.0, 8.0, INF]))
     table = [dict(zip(header, row)) for row in rows]
     eps_1, eps_8, eps_inf = table
-    assert eps_8["ε total (weights + conditioning)"] == "9"
+    assert eps_8["ε total (weights + key terms + conditioning)"] == "9"
     assert eps_8["synthetic-coder micro-F1 [95 % CI]"] == "0.4 [0.3, 0.5]"
     assert eps_8["÷ real-trained coder"] == "0.5"
     assert eps_inf["÷ real-trained coder"] == "0.75"
     assert (eps_8["exposure: trained canaries (mean bits)"], eps_8["exposure: held-out canaries (mean bits)"]) == ("3.5", "0.75")
     assert eps_8["MIA AUC (0.5 = chance)"] == "0.55"
-    assert eps_inf["ε (target)"] == "∞" and eps_inf["ε total (weights + conditioning)"] == "∞"
+    assert eps_inf["ε (target)"] == "∞" and eps_inf["ε total (weights + key terms + conditioning)"] == "∞"
     assert eps_1["synthetic-coder micro-F1 [95 % CI]"] == "–" and "not evaluated yet" in eps_1["caveats"]
 
 
-def test_titles_only_reference_sits_beside_its_epsilon(study):
+def test_prompt_only_reference_sits_beside_its_epsilon(study):
     root, _ = study
     baselines = json.loads((root / "baselines.json").read_text())
-    write_json(root / "baselines.json", {**baselines, "titles_only": {"8": coder(0.55, [0.5, 0.6]), "inf": coder(0.5, None)}})
+    write_json(root / "baselines.json", {**baselines, "prompt_only": {"8": coder(0.55, [0.5, 0.6]), "inf": coder(0.5, None)}})
     header, rows = summary_table(collect(root, [1.0, 8.0, INF]))
-    column = [dict(zip(header, row))["titles-only coder micro-F1 [95 % CI] (same code sets, no model)"] for row in rows]
+    column = [dict(zip(header, row))["prompt-only coder micro-F1 [95 % CI] (same code sets, no model)"] for row in rows]
     assert column == ["–", "0.55 [0.5, 0.6]", "0.5"]
 
 

@@ -100,7 +100,8 @@ def read_done(path: Path) -> dict[int, dict]:
 
 
 def compose(training: dict, distribution: CodeSetDistribution) -> dict:
-    """Total (ε, δ) of weights + conditioning by basic composition, at their common privacy unit.
+    """Total (ε, δ) of the training run (weights and its key terms) + conditioning by basic
+    composition, at their common privacy unit.
 
     Raises ValueError when both are DP guarantees of different (or unknown) units: they bound
     different neighbouring relations and are never added. Without a training report the weights
@@ -109,17 +110,19 @@ def compose(training: dict, distribution: CodeSetDistribution) -> dict:
     unit = training.get("privacy_unit")
     if not training:
         return {"privacy_unit": None, "total_epsilon": math.inf, "total_delta": None}
+    # A run's own releases (its key terms) are in its total; reports from before them have none.
+    run_epsilon = training.get("total_epsilon", training.get("epsilon", math.inf))
+    run_delta = training.get("total_delta", training.get("delta"))
     if distribution.free:
-        return {"privacy_unit": unit, "total_epsilon": training.get("epsilon", math.inf),
-                "total_delta": training.get("delta")}
+        return {"privacy_unit": unit, "total_epsilon": run_epsilon, "total_delta": run_delta}
     if distribution.privacy_unit != unit:
         raise UserError(
             f"the conditioning ({distribution.source}) was released at privacy unit {distribution.privacy_unit!r} "
             f"but the model was trained at {unit!r}: guarantees of different units cannot be added; release the "
             f"conditioning at the training unit"
         )
-    return {"privacy_unit": unit, "total_epsilon": training.get("epsilon", math.inf) + distribution.epsilon,
-            "total_delta": (training.get("delta") or 0.0) + distribution.delta}
+    return {"privacy_unit": unit, "total_epsilon": run_epsilon + distribution.epsilon,
+            "total_delta": (run_delta or 0.0) + distribution.delta}
 
 
 def synthesize(

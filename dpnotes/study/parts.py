@@ -131,14 +131,14 @@ def part_section(name: str, part: StudyPart, config: PipelineConfig, seconds: fl
         for row in summary["runs"]:
             rows.append([epsilon_label(row["target_epsilon"]), _num(row["epsilon_spent"]), _num(row["total_epsilon_with_conditioning"]),
                          _ci_text(row["synthetic_micro_f1"], row["synthetic_micro_f1_ci"]), _num(row["f1_ratio_to_real"]),
-                         _ci_text(row["titles_only_micro_f1"], row["titles_only_micro_f1_ci"]),
+                         _ci_text(row["prompt_only_micro_f1"], row["prompt_only_micro_f1_ci"]),
                          f"{_num(row['mean_member_exposure'])} / {_num(row['mean_nonmember_exposure'])} (max {_num(row['max_possible_exposure'])})",
                          _num(row["mia_auc"]), "; ".join(row["caveats"])])
-        lines += ["Coders trained on synthetic notes, tested on real notes. \"titles only\" trains the same coder on the "
-                  "same code sets with each note replaced by its codes' public titles (no model): the reference a "
-                  "generator's text has to beat.", "",
-                  *_table(["generator ε", "ε spent (weights)", "ε total (+ conditioning)", "micro-F1 [95 % CI]", "÷ real",
-                           "titles only [95 % CI]", "exposure trained / held-out canaries (bits)", "MIA AUC", "caveats"], rows), ""]
+        lines += ["Coders trained on synthetic notes, tested on real notes. \"prompt only\" trains the same coder on the "
+                  "same code sets with each note replaced by its prompt: its codes' public titles and the run's DP key "
+                  "terms, if it released them (no model). It is the reference a generator's text has to beat.", "",
+                  *_table(["generator ε", "ε spent (weights)", "ε total (+ key terms, conditioning)", "micro-F1 [95 % CI]",
+                           "÷ real", "prompt only [95 % CI]", "exposure trained / held-out canaries (bits)", "MIA AUC", "caveats"], rows), ""]
     rows = []
     for coder, sweep in dp_coder_sweeps(baselines).items():
         for epsilon in sorted(sweep):

@@ -33,11 +33,11 @@ from dpnotes.digests import digest, source_digest
 from dpnotes.caches import corpus_cache
 from dpnotes.corpus import Note, load_configured_splits
 from dpnotes.corpus.code_lists import public_label_space
-from dpnotes.prompting import label_titles
+from dpnotes.prompting import label_titles, prompt_format_from
 from dpnotes.evaluation.dp_sweep import DPCoderKind, DPCoderSettings
 from dpnotes.evaluation.dp_sweep import format_epsilon
 from dpnotes.evaluation.dp_linear import FrozenEncoderFeatures
-from dpnotes.evaluation.references import titles_only_coder
+from dpnotes.evaluation.references import prompt_only_coder
 from dpnotes.evaluation.stages import dp_coder_baseline, evaluate_generator, real_coder_baseline
 from dpnotes.generation.backends import resolve_backend
 from dpnotes.generation.merge import merge_run
@@ -270,7 +270,7 @@ class Pipeline:
         result = {"real_tfidf": cached("real_tfidf", digest(data_key, coder_code),
                                        lambda: real_coder_baseline(self.splits, c.bootstrap))}
         if c.generates:
-            result["titles_only"] = self._titles_only(cached, data_key)
+            result["prompt_only"] = self._prompt_only(cached, data_key)
         sweeps = {}
         for coder in c.dp_coders:
             options = c.dp_coder_options.get(coder, DPCoderSettings()).coder_options(coder)
@@ -305,9 +305,10 @@ class Pipeline:
         spec = FrozenEncoderFeatures(**{name: options[name] for name in ("model", "max_length") if name in options}).spec
         return {"feature_cache": folder / f"probe_features_{digest(spec)[:12]}.npz"}
 
-    def _titles_only(self, cached, data_key: tuple) -> dict:
-        """Per ε with finished notes: the coder trained on those notes' code sets written as their titles
-        only (dpnotes/evaluation/references.py), keyed by the notes it stands beside."""
+    def _prompt_only(self, cached, data_key: tuple) -> dict:
+        """Per ε with finished notes: the coder trained on those notes' code sets written as their
+        prompts only, titles and the run's key terms (dpnotes/evaluation/references.py), keyed by the
+        notes it stands beside."""
         code = source_digest("dpnotes.evaluation.references", *CODER_MODULES)
         by_epsilon = {}
         for epsilon in self.config.epsilons:
@@ -315,9 +316,11 @@ class Pipeline:
             recorded = read_json(run.synthetic / GENERATION_INPUTS)
             if recorded is None or len(read_done(run.synthetic / NOTES)) != recorded["inputs"]["count"]:
                 continue
+            keywords = prompt_format_from(read_json(run.privacy_report), str(run.root)).keywords
             by_epsilon[format_epsilon(epsilon)] = cached(
-                f"titles_only_{epsilon_tag(epsilon)}", digest(data_key, recorded["key"], self.titles, code),
-                lambda: titles_only_coder(load_synthetic(run.synthetic), self.splits, self.titles, self.config.bootstrap))
+                f"prompt_only_{epsilon_tag(epsilon)}", digest(data_key, recorded["key"], self.titles, keywords, code),
+                lambda: prompt_only_coder(load_synthetic(run.synthetic), self.splits, self.titles, self.config.bootstrap,
+                                          keywords))
         return by_epsilon
 
     def audit(self) -> Path:

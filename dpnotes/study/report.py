@@ -111,12 +111,12 @@ def _caveats(training: dict, notes_missing: bool, evaluation: dict | None) -> li
 
 
 def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | None, generates: bool = True,
-            titles_only: dict | None = None) -> dict:
+            prompt_only: dict | None = None) -> dict:
     """Every number the report shows for one generator ε; None where a stage has not run.
-    `generates` False: a memorisation audit, which writes no notes. `titles_only`: the coder trained on
-    the same code sets written as their titles only (the baselines' reference)."""
+    `generates` False: a memorisation audit, which writes no notes. `prompt_only`: the coder trained on
+    the same code sets written as their prompts only (the baselines' reference)."""
     training = _read(run.privacy_report) or {}
-    titles = coder_point(titles_only)
+    prompt_point = coder_point(prompt_only)
     manifest = _read(run.synthetic / MANIFEST) or {}
     coders, privacy = (evaluation or {}).get("coders", {}), (evaluation or {}).get("privacy", {})
     synthetic = coder_point(coders.get("synthetic"))
@@ -135,8 +135,8 @@ def run_row(epsilon: float, run: RunDir, evaluation: dict | None, real: Point | 
         "synthetic_micro_f1": synthetic[0] if synthetic else None,
         "synthetic_micro_f1_ci": synthetic[1] if synthetic else None,
         "f1_ratio_to_real": _ratio(synthetic[0] if synthetic else None, real),
-        "titles_only_micro_f1": titles[0] if titles else None,
-        "titles_only_micro_f1_ci": titles[1] if titles else None,
+        "prompt_only_micro_f1": prompt_point[0] if prompt_point else None,
+        "prompt_only_micro_f1_ci": prompt_point[1] if prompt_point else None,
         "real_plus_synthetic_micro_f1": (coder_point(coders.get("real+synthetic")) or (None,))[0],
         "mean_exposure": exposure.get("mean_exposure"),  # over all canaries, trained and held-out
         "mean_member_exposure": exposure.get("mean_member_exposure"),
@@ -168,9 +168,9 @@ def collect(root: Path, epsilons: list[float], generates: bool = True) -> dict:
         missing.append("No coder trained on real notes yet (baselines not run, nothing evaluated): no reference line or ratio.")
     if not dp_coder_sweeps(baselines):
         missing.append("No DP coder baseline (dp_coder: false, or baselines not run yet).")
-    titles_only = {float(key): result for key, result in baselines.get("titles_only", {}).items()}  # "inf" parses
+    prompt_only = {float(key): result for key, result in baselines.get("prompt_only", {}).items()}  # "inf" parses
     return {"runs": [run_row(epsilon, RunDir(root / epsilon_tag(epsilon)), evaluations[epsilon], real, generates,
-                             titles_only.get(epsilon)) for epsilon in epsilons],
+                             prompt_only.get(epsilon)) for epsilon in epsilons],
             "real_coder": {"micro_f1": real[0], "ci": real[1]} if real else None,
             "baselines": baselines, "missing": missing}
 
@@ -335,11 +335,11 @@ def figures(summary: dict) -> dict[str, Figure]:
     real = _real_point(summary)
     synthetic = {r["target_epsilon"]: (r["synthetic_micro_f1"], r["synthetic_micro_f1_ci"])
                  for r in runs if r["synthetic_micro_f1"] is not None}
-    titles = {r["target_epsilon"]: (r["titles_only_micro_f1"], r["titles_only_micro_f1_ci"])
-              for r in runs if r.get("titles_only_micro_f1") is not None}
+    prompt_points = {r["target_epsilon"]: (r["prompt_only_micro_f1"], r["prompt_only_micro_f1_ci"])
+                     for r in runs if r.get("prompt_only_micro_f1") is not None}
     if synthetic:
         series = {"coder trained on synthetic notes": synthetic,
-                  "same code sets, titles only (no model)": titles}
+                  "same code sets, prompt only (no model)": prompt_points}
         out["f1_vs_epsilon"] = f1_figure({k: v for k, v in series.items() if v}, real,
                                          "Utility of synthetic notes vs the generator's ε")
     sweeps = dp_coder_sweeps(summary["baselines"])
@@ -377,9 +377,9 @@ def _fmt_ci(value, ci) -> str:
     return f"{_fmt(value)} [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if value is not None and bounds else _fmt(value)
 
 
-SUMMARY_HEADER = ["ε (target)", "ε spent by the weights", "ε total (weights + conditioning)", "privacy unit",
+SUMMARY_HEADER = ["ε (target)", "ε spent by the weights", "ε total (weights + key terms + conditioning)", "privacy unit",
                   "synthetic-coder micro-F1 [95 % CI]", "÷ real-trained coder",
-                  "titles-only coder micro-F1 [95 % CI] (same code sets, no model)", "exposure: trained canaries (mean bits)",
+                  "prompt-only coder micro-F1 [95 % CI] (same code sets, no model)", "exposure: trained canaries (mean bits)",
                   "exposure: held-out canaries (mean bits)", "max measurable exposure (bits)", "MIA AUC (0.5 = chance)",
                   "canary IDs in synthetic notes", "longest verbatim run (words)", "notes written by", "caveats"]
 
@@ -388,7 +388,7 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     """The study per generator ε, as strings (HTML, Markdown, terminal and W&B show the same)."""
     rows = [[_fmt(r["target_epsilon"]), _fmt(r["epsilon_spent"]), _fmt(r["total_epsilon_with_conditioning"]),
              _fmt(r["privacy_unit"]), _fmt_ci(r["synthetic_micro_f1"], r["synthetic_micro_f1_ci"]),
-             _fmt(r["f1_ratio_to_real"]), _fmt_ci(r["titles_only_micro_f1"], r["titles_only_micro_f1_ci"]),
+             _fmt(r["f1_ratio_to_real"]), _fmt_ci(r["prompt_only_micro_f1"], r["prompt_only_micro_f1_ci"]),
              _fmt(r["mean_member_exposure"]),
              _fmt(r["mean_nonmember_exposure"]), _fmt(r["max_possible_exposure"]), _fmt(r["mia_auc"]),
              _fmt(r["canaries_in_synthetic"]), _fmt(r["max_verbatim_words"]), _fmt(r.get("generation_backend")),
@@ -612,9 +612,9 @@ def _to_wandb(root: Path, summary: dict, drawn: dict[str, Path], config) -> None
 
 
 # The summary columns a terminal has room for, with short names
-TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent by the weights": "ε spent", "ε total (weights + conditioning)": "ε total",
+TERMINAL_COLUMNS = {"ε (target)": "ε", "ε spent by the weights": "ε spent", "ε total (weights + key terms + conditioning)": "ε total",
                     "synthetic-coder micro-F1 [95 % CI]": "F1 synthetic", "÷ real-trained coder": "÷ real",
-                    "titles-only coder micro-F1 [95 % CI] (same code sets, no model)": "F1 titles only",
+                    "prompt-only coder micro-F1 [95 % CI] (same code sets, no model)": "F1 prompt only",
                     "exposure: trained canaries (mean bits)": "exposure trained",
                     "exposure: held-out canaries (mean bits)": "exposure held-out", "MIA AUC (0.5 = chance)": "MIA AUC",
                     "caveats": "caveats"}

@@ -128,7 +128,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, config: TrainCo
         tmp.write_text(json.dumps({"config_hash": config.fingerprint(), **config_dict(config)}, indent=2))
         tmp.replace(stamp)
     accelerator.wait_for_everyone()
-    recorded = json.loads(_appeared(stamp).read_text()).get("config_hash")
+    recorded = json.loads(appeared(stamp).read_text()).get("config_hash")
     if recorded != config.fingerprint():
         raise UserError(
             f"{output_dir} holds a run with another configuration (hash {recorded}, this one "
@@ -136,8 +136,8 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, config: TrainCo
         )
 
 
-def _appeared(stamp: Path) -> Path:
-    """`stamp`, once this node sees it (the main process has written it before the barrier)."""
+def appeared(stamp: Path) -> Path:
+    """`stamp` (a file the main process wrote before a barrier), once this node sees it (the main process has written it before the barrier)."""
     deadline = time.monotonic() + STAMP_WAIT_S
     while not stamp.exists():
         if time.monotonic() > deadline:

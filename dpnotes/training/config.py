@@ -45,6 +45,10 @@ class TrainConfig:
     save_full_model: bool = False  # also write every weight (gathered under ZeRO-3) to output_dir/full_model
     report_to: str = "wandb"  # or "none"; W&B runs offline unless WANDB_MODE says otherwise
     prompt: PromptFormat | None = None  # None: the corpus kind's format (dpnotes.prompting.CORPUS_PROMPTS)
+    # Key terms per code in every prompt: a DP release of the train split at this ε (dpnotes/privacy/keywords.py),
+    # added to the run's guarantee (total_epsilon in its privacy report). None: titles only.
+    keywords_epsilon: float | None = None
+    keywords_per_code: int = 6
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 

@@ -6,12 +6,20 @@ import json
 from pathlib import Path
 
 from dpnotes.privacy.engine import PrivacyEngine
+from dpnotes.privacy.keywords import CodeKeywords
+from dpnotes.prompting import PromptFormat
 from dpnotes.runs import RunDir
 from dpnotes.training.config import TrainConfig
 from dpnotes.training.setup import TrainingRun
 
 
-def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) -> dict:
+def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int, prompt: PromptFormat,
+                   keywords: CodeKeywords | None = None) -> dict:
+    """The guarantee of the weights (epsilon, delta) and, with the key-term release at the same unit,
+    of everything the run released (total_epsilon, total_delta: basic composition)."""
+    released = {"epsilon": keywords.epsilon, "delta": keywords.delta, "noise_std": keywords.noise_std,
+                "privacy_unit": keywords.privacy_unit, "per_code": keywords.top_k,
+                "vocabulary_size": keywords.vocabulary_size} if keywords else None
     return {
         "epsilon": engine.epsilon(),
         **engine.privacy_status(),  # private: False with a fixed seed (the noise can be recomputed)
@@ -28,7 +36,10 @@ def privacy_report(engine: PrivacyEngine, config: TrainConfig, world_size: int) 
         "corpus": config.corpus,
         "model": config.model,
         "dtype": config.resolved_dtype(),  # of the base model; the trained weights are fp32 under auto
-        "prompt_format": config.prompt_format().to_dict(),  # generation and evaluation prompt the same way
+        "prompt_format": prompt.to_dict(),  # generation and evaluation prompt the same way
+        "key_terms": released,
+        "total_epsilon": engine.epsilon() + (keywords.epsilon if keywords else 0.0),
+        "total_delta": engine.delta + (keywords.delta if keywords else 0.0),
         "config_hash": config.fingerprint(),
         "world_size": world_size,
     }
@@ -45,7 +56,7 @@ def save_weights(run: TrainingRun, folder: Path, full_model: bool = False) -> No
 def export(run: TrainingRun) -> dict:
     """Write the trained weights and the privacy report; return the report."""
     config = run.config
-    report = privacy_report(run.engine, config, run.accelerator.num_processes)
+    report = privacy_report(run.engine, config, run.accelerator.num_processes, run.prompt, run.keywords)
     out = RunDir(run.output_dir)
     save_weights(run, out.model if config.trainable.full_finetune else out.adapter)
     if config.save_full_model and not config.trainable.full_finetune:

@@ -8,6 +8,7 @@ The train loop, checkpoints and export only talk to the backend it returns.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +18,26 @@ from accelerate import Accelerator, PartialState
 from transformers import PreTrainedTokenizerBase
 
 from dpnotes.caches import corpus_cache, token_cache
-from dpnotes.corpus import corpus_fingerprint, load_split_tables
+from dpnotes.corpus import Note, corpus_fingerprint, load_split_tables
+from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.digests import digest
 from dpnotes.models import compute_dtype, load_causal_lm, load_tokenizer, use_tf32
 from dpnotes.privacy.accounting import PrivacyParameterError
 from dpnotes.privacy.backends import ReplicatedBackend
 from dpnotes.privacy.deepspeed import DeepSpeedBackend, is_deepspeed, module_dtype, require_partitioned, zero_stage
 from dpnotes.privacy.engine import NOT_PRIVATE, PrivacyEngine
+from dpnotes.privacy.keywords import CodeKeywords, dp_code_keywords, keyword_units, public_vocabulary
+from dpnotes.prompting import PromptFormat
+from dpnotes.runs import RunDir
 from dpnotes.tokenized_notes import TokenizedNotes, load_tokenized
-from dpnotes.training.checkpoints import claim_output_dir, latest_checkpoint, load_checkpoint
+from dpnotes.training.checkpoints import appeared, claim_output_dir, latest_checkpoint, load_checkpoint
 from dpnotes.training.config import TrainConfig, config_dict
 from dpnotes.training.model_setup import count_trainable, enable_activation_checkpointing, prepare_trainable
 
 Backend = ReplicatedBackend | DeepSpeedBackend
 
 
-def load_training_data(config: TrainConfig, accelerator: Accelerator) -> TokenizedNotes:
+def load_training_data(config: TrainConfig, accelerator: Accelerator, prompt: PromptFormat) -> TokenizedNotes:
     """The train split's tokens from the token cache, keyed by the corpus's fingerprint (no note is
     read to compute it). On a miss the main process of each node streams the corpus into the corpus
     cache (validated), splits it and tokenizes the train split; the other ranks wait, then
@@ -40,13 +45,38 @@ def load_training_data(config: TrainConfig, accelerator: Accelerator) -> Tokeniz
     generated = {"n_patients": config.corpus_patients, "canaries": config.canaries} if config.corpus == "default" else {}
     source = digest(corpus_fingerprint(config.corpus, **generated), "train split", config.split_seed)
 
-    def train_split():
-        return load_split_tables(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
-                                 seed=config.split_seed, cache=corpus_cache())["train"]
-
     with accelerator.local_main_process_first():  # one per node: the caches are on each node's disk
-        return load_tokenized(source, train_split, load_tokenizer(config.model), config.max_length,
-                              config.prompt_format(), token_cache())
+        return load_tokenized(source, lambda: train_split(config), load_tokenizer(config.model), config.max_length,
+                              prompt, token_cache())
+
+
+def train_split(config: TrainConfig):
+    return load_split_tables(config.corpus, default_patients=config.corpus_patients, canaries=config.canaries,
+                             seed=config.split_seed, cache=corpus_cache())["train"]
+
+
+def released_key_terms(config: TrainConfig, accelerator: Accelerator) -> CodeKeywords | None:
+    """The run's DP key terms per code (`keywords_epsilon`), released once by the main process into
+    output_dir and read back by every rank: a resumed run reads its release and spends nothing again.
+    A non-private run (target ε = ∞) releases them exactly. Collective: call on every rank."""
+    if config.keywords_epsilon is None:
+        return None
+    path = RunDir(Path(config.output_dir)).keywords
+    if accelerator.is_main_process and not path.exists():
+        split = train_split(config)
+        notes = [Note(f"row-{i}", patient, text, list(codes)) for i, (patient, text, codes)
+                 in enumerate(zip(split["patient_id"], split["text"], split["codes"]))]
+        unit = config.privacy.privacy_unit
+        units = keyword_units(notes, unit)
+        epsilon = math.inf if math.isinf(config.privacy.target_epsilon) else config.keywords_epsilon
+        release = dp_code_keywords(units, public_label_space(None, config.corpus),
+                                   public_vocabulary(load_tokenizer(config.model)), epsilon, 1 / (10 * len(units)),
+                                   privacy_unit=unit, top_k=config.keywords_per_code, seed=config.privacy.seed)
+        tmp = path.with_name(path.name + ".tmp")
+        release.save(tmp)
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return CodeKeywords.load(appeared(path))
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -120,6 +150,8 @@ class TrainingRun:
     data: TokenizedNotes
     engine: PrivacyEngine
     backend: Backend
+    prompt: PromptFormat  # the corpus's format, with the run's key terms when it released them
+    keywords: CodeKeywords | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -132,16 +164,20 @@ class TrainingRun:
 def setup(config: TrainConfig) -> TrainingRun:
     """Build (or, when output_dir holds a checkpoint of this configuration, resume) a run."""
     config.privacy.check()  # what needs no data fails first; δ < 1/N once the units are known
+    if config.keywords_epsilon is not None and not config.keywords_epsilon > 0:
+        raise PrivacyParameterError(f"keywords_epsilon must be > 0 (or unset: no key terms), got {config.keywords_epsilon}")
     if config.patient_token_cap() < config.max_length:
         raise PrivacyParameterError(f"max_tokens_per_patient must be >= max_length={config.max_length}, "
                                     f"got {config.max_tokens_per_patient}")
     accelerator = make_accelerator(config)
-    data = load_training_data(config, accelerator)
+    claim_output_dir(accelerator, Path(config.output_dir), config)
+    keywords = released_key_terms(config, accelerator)
+    prompt = config.prompt_format() if keywords is None else config.prompt_format().with_keywords(keywords.keywords)
+    data = load_training_data(config, accelerator, prompt)
     examples_of_unit = (data.examples_of_patient.capped(data.lengths(), config.patient_token_cap())
                         if config.privacy.privacy_unit == "patient" else None)
     num_units = len(examples_of_unit) if examples_of_unit is not None else len(data)
     config.privacy.validated_delta(num_units)  # bad privacy settings fail before the model is loaded
-    claim_output_dir(accelerator, Path(config.output_dir), config)
     model, tokenizer = load_model(config, accelerator)
     engine = PrivacyEngine(model, config.privacy, num_units, examples_of_unit)
     backend = make_backend(accelerator, model, make_optimizer(model, config), config.privacy.micro_batch_size)
@@ -150,7 +186,7 @@ def setup(config: TrainConfig) -> TrainingRun:
         f"dpnotes rank {accelerator.process_index}/{accelerator.num_processes} "
         f"({accelerator.distributed_type}, device {accelerator.device})", flush=True
     )
-    run = TrainingRun(config, accelerator, model, tokenizer, data, engine, backend)
+    run = TrainingRun(config, accelerator, model, tokenizer, data, engine, backend, prompt, keywords)
     start_tracking(run)
     resume(run)
     return run
@@ -173,6 +209,13 @@ def start_tracking(run: TrainingRun) -> None:
         f"trainable {trainable:,}/{total:,} | {summary['dtype']} base"
         f"{' | activation checkpointing' if config.activation_checkpointing else ''}"
     )
+    if run.keywords is not None:
+        released = run.keywords
+        accelerator.print(
+            f"key terms per code (prompt): ε={released.epsilon} δ={released.delta:.3g} σ={released.noise_std:.4g} | "
+            f"{sum(map(len, released.keywords.values()))} terms for {sum(map(bool, released.keywords.values()))} of "
+            f"{len(released.keywords)} codes, ≤ {released.top_k} each, from {released.vocabulary_size:,} public words"
+        )
     if engine.privacy_label:
         accelerator.print(f"WARNING: privacy.seed is set: {NOT_PRIVATE} (tests and audits only)")
 
