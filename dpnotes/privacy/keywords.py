@@ -38,6 +38,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS as STOP_WORDS  # function words carry no code
 
 from dpnotes.errors import UserError
 from dpnotes.privacy.accounting import calibrate_noise_multiplier
@@ -45,25 +46,6 @@ from dpnotes.privacy.accounting import calibrate_noise_multiplier
 WORD = re.compile(r"[a-z][a-z0-9-]{2,}")
 UNIT_COUNT = "#"
 FALSE_TERMS_PER_CODE = 0.1  # expected noise words a code keeps by chance
-# Function words carry no code: sklearn's English list, copied so that the release does not import sklearn.
-STOP_WORDS = frozenset("""a about above across after afterwards again against all almost alone along already also
-although always am among amongst amoungst amount an and another any anyhow anyone anything anyway anywhere are
-around as at back be became because become becomes becoming been before beforehand behind being below beside
-besides between beyond bill both bottom but by call can cannot cant co con could couldnt cry de describe detail
-do done down due during each eg eight either eleven else elsewhere empty enough etc even ever every everyone
-everything everywhere except few fifteen fifty fill find fire first five for former formerly forty found four from
-front full further get give go had has hasnt have he hence her here hereafter hereby herein hereupon hers herself
-him himself his how however hundred i ie if in inc indeed interest into is it its itself keep last latter latterly
-least less ltd made many may me meanwhile might mill mine more moreover most mostly move much must my myself name
-namely neither never nevertheless next nine no nobody none noone nor not nothing now nowhere of off often on once
-one only onto or other others otherwise our ours ourselves out over own part per perhaps please put rather re same
-see seem seemed seeming seems serious several she should show side since sincere six sixty so some somehow someone
-something sometime sometimes somewhere still such system take ten than that the their them themselves then thence
-there thereafter thereby therefore therein thereupon these they thick thin third this those though three through
-throughout thru thus to together too top toward towards twelve twenty two un under until up upon us very via was we
-well were what whatever when whence whenever where whereafter whereas whereby wherein whereupon wherever whether
-which while whither who whoever whole whom whose why will with within without would yet you your yours yourself
-yourselves""".split())
 
 
 def words_of(text: str) -> set[str]:
@@ -156,7 +138,7 @@ def dp_code_keywords(
     z = NormalDist().inv_cdf(1 - FALSE_TERMS_PER_CODE / max(len(words), 2))
     keywords = {}
     for row, (code, share) in enumerate(zip(codes, shares)):
-        # n(c, w) and B(w) share the noise of n(c, w): the lift's noise std is σ·√((1 − s)² + (k − 1)·s²).
+        # lift = (1 − s)·n(c, w) − s·Σ_{c' ≠ c} n(c', w): over K codes its noise std is σ·√((1 − s)² + (K − 1)·s²).
         lift_std = sigma * math.sqrt((1 - share) ** 2 + (len(codes) - 1) * share ** 2)
         lift = counts[row, :-1] - share * background[:-1]
         best = np.argsort(-lift, kind="stable")[:top_k]
