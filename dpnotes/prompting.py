@@ -17,12 +17,11 @@ that generation prompts with exactly the terms training did. Their (ε, δ) is i
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
 from dpnotes.corpus.code_lists import corpus_kind
-from dpnotes.privacy.keywords import keywords_line
 
 IGNORE_INDEX = -100  # the label of prompt and padding tokens: no loss, no gradient
 
@@ -61,6 +60,14 @@ def code_title(system: str, code: str) -> str:
     the system has no title for it."""
     title = public_title(system, code)
     return code if title is None or title == code else f"{title} ({code})"
+
+
+def keywords_line(keywords: Mapping[str, Sequence[str]], codes: Sequence[str]) -> str:
+    """The distinct key terms of `codes`, in code order."""
+    terms: list[str] = []
+    for code in codes:
+        terms += [word for word in keywords.get(code, ()) if word not in terms]
+    return ", ".join(terms)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def counted(*args, **kwargs):
 setup.load_split_tables = counted
 config = load(TrainConfig, None, sys.argv[1:])
 accelerator = setup.make_accelerator(config)
-data = setup.load_training_data(config, accelerator)
+data = setup.load_training_data(config, accelerator, config.prompt_format())
 print(json.dumps({"rank": accelerator.process_index, "read_corpus": len(reads), "rows": len(data),
                   "files": sorted(f["filename"] for f in data.table.cache_files),
                   "first": data.example(0)}), flush=True)

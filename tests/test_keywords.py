@@ -18,11 +18,10 @@ from dpnotes.privacy.keywords import (
     dp_code_keywords,
     key_counts,
     keyword_units,
-    keywords_line,
     public_vocabulary,
     words_of,
 )
-from dpnotes.prompting import PromptFormat, prompt_format_from
+from dpnotes.prompting import PromptFormat, keywords_line, prompt_format_from
 
 VOCABULARY = frozenset({"insulin", "glucose", "wheeze", "inhaler", "cough", "discharge", "stable", "fever"})
 LABELS = ["E11.9", "J45.909", "R50.9"]

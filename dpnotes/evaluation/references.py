@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.coders import TfidfCoder, compare_train_sets
-from dpnotes.privacy.keywords import keywords_line
+from dpnotes.prompting import keywords_line
 
 
 def prompt_only_notes(notes: Sequence[Note], titles: Mapping[str, str],

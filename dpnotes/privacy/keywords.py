@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -156,11 +156,3 @@ def keyword_units(notes: Sequence, privacy_unit: str) -> list[tuple[list[str], s
         codes.extend(note.codes)
         texts.append(note.text)
     return [(codes, "\n".join(texts)) for codes, texts in patients.values()]
-
-
-def keywords_line(keywords: Mapping[str, Sequence[str]], codes: Sequence[str]) -> str:
-    """The distinct key terms of `codes`, in code order."""
-    terms: list[str] = []
-    for code in codes:
-        terms += [word for word in keywords.get(code, ()) if word not in terms]
-    return ", ".join(terms)
