@@ -137,7 +137,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, config: TrainCo
 
 
 def appeared(stamp: Path) -> Path:
-    """`stamp` (a file the main process wrote before a barrier), once this node sees it (the main process has written it before the barrier)."""
+    """`stamp`, a file the main process wrote before a barrier, once this node sees it."""
     deadline = time.monotonic() + STAMP_WAIT_S
     while not stamp.exists():
         if time.monotonic() > deadline:
