@@ -6,7 +6,7 @@
 Each argument is one setting: a run of the study part (eps_1, eps_8, eps_inf, ...; `base`: the
 pretrained model without fine-tuning, prompted in the corpus's format; `titles`: no model, each
 note is the public titles of its codes, the reference a generator has to beat) and generation
-settings (`temperature`, `top_k`, `max_new_tokens`, `count`). Notes are drawn from the run's merged
+settings (`temperature`, `top_k`, `max_new_tokens`, `term_bias`, `count`). Notes are drawn from the run's merged
 model, conditioned on the same DP code-set release the study's notes used (so no new ε is spent on
 conditioning), into OUT/<setting>/. The coder and its dev-half score are bench/generator_sweep.py's:
 C and threshold on one half of the real dev split, micro-F1 on the other half; no test note is read.
@@ -26,7 +26,6 @@ from generator_sweep import REAL, dev_halves, dev_score, finished, log, setting_
 from dpnotes import CHECKOUT
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.references import prompt_only_notes
-from dpnotes.generation.backends import SamplingConfig
 from dpnotes.generation.conditioning import CodeSetDistribution
 from dpnotes.generation.synthesize import CONDITIONING, synthesize
 from dpnotes.models import resolve_model
@@ -36,7 +35,7 @@ from dpnotes.study.pipeline import Pipeline, load_pipeline_config
 
 PART_CONFIGS = CHECKOUT / "dpnotes" / "study" / "configs"
 BASE, TITLES = "base", "titles"
-GENERATION_KEYS = {"temperature": float, "top_k": int, "max_new_tokens": int}
+GENERATION_KEYS = {"temperature": float, "top_k": int, "max_new_tokens": int, "term_bias": float}
 
 
 def parse_setting(setting: str) -> tuple[str, dict, int | None]:
@@ -72,7 +71,7 @@ def run_setting(pipeline: Pipeline, out: Path, setting: str, bootstrap: int) -> 
         synthetic = prompt_only_notes([Note(f"titles-{i:06d}", f"titles-{i:06d}", "", list(codes))
                                        for i, codes in enumerate(code_sets)], pipeline.titles)
         return {"setting": setting, "synthetic_notes": len(synthetic), "dev": dev_scored(pipeline, synthetic, bootstrap)}
-    sampling = replace(SamplingConfig(g.max_new_tokens, g.temperature, batch_size=g.batch_size), **options)
+    sampling = replace(g.sampling(), **options)
     count = count or pipeline.synthetic_count
     started = time.perf_counter()
     synthesize(model, folder, count, distribution, "vllm-server", sampling, seed=0,

@@ -62,12 +62,16 @@ def code_title(system: str, code: str) -> str:
     return code if title is None or title == code else f"{title} ({code})"
 
 
-def keywords_line(keywords: Mapping[str, Sequence[str]], codes: Sequence[str]) -> str:
+def key_terms(keywords: Mapping[str, Sequence[str]], codes: Sequence[str]) -> list[str]:
     """The distinct key terms of `codes`, in code order."""
     terms: list[str] = []
     for code in codes:
         terms += [word for word in keywords.get(code, ()) if word not in terms]
-    return ", ".join(terms)
+    return terms
+
+
+def keywords_line(keywords: Mapping[str, Sequence[str]], codes: Sequence[str]) -> str:
+    return ", ".join(key_terms(keywords, codes))
 
 
 @dataclass(frozen=True)

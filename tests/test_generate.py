@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpnotes.corpus import Note, generate_default_corpus
-from dpnotes.generation.backends import SamplingConfig, make_backend
+from dpnotes.generation.backends import SamplingConfig, make_backend, term_logit_bias
 from dpnotes.generation.conditioning import (
     CodeSetDistribution,
     dp_code_marginals,
@@ -21,7 +21,7 @@ from dpnotes.generation.conditioning import (
     unit_contributions,
 )
 from dpnotes.generation.merge import merge_run
-from dpnotes.generation.synthesize import CONDITIONING, conditioning_for, synthesize
+from dpnotes.generation.synthesize import CONDITIONING, conditioning_for, steering_terms, synthesize
 from dpnotes.runs import MANIFEST, NOTES, load_synthetic
 from dpnotes.prompting import prompt_format_for
 from dpnotes.testing.tiny_runs import tiny_training_run
@@ -271,6 +271,11 @@ class FakeCompletions(CompletionsServer):
                      "usage": {"completion_tokens": 7}}
 
 
+class BiasEchoingCompletions(CompletionsServer):
+    def answer(self, body):
+        return 200, {"choices": [{"text": json.dumps(body.get("logit_bias"))}], "usage": {"completion_tokens": 1}}
+
+
 class RefusingCompletions(CompletionsServer):
     def answer(self, body):
         return 400, {"error": {"message": "prompt longer than max_model_len"}}
@@ -281,6 +286,48 @@ def test_vllm_server_client_speaks_the_openai_completions_protocol():
         out = backend.generate(["Codes: I10\nNote:\n", "Codes: J44.9\nNote:\n"], 4, 2, SamplingConfig())
     assert [o.text for o in out] == ["note for Codes: I10 seed 2000010", "note for Codes: J44.9 seed 2000011"]
     assert all(o.new_tokens == 7 for o in out)
+
+
+def test_vllm_server_client_sends_each_prompts_own_logit_bias():
+    with serving(BiasEchoingCompletions) as backend:
+        out = backend.generate(["a", "b", "c"], 0, 0, SamplingConfig(), [{7: 2.0}, {}, {9: -1.0, 11: 3.0}])
+        plain = backend.generate(["a"], 0, 0, SamplingConfig())
+    assert [json.loads(o.text) for o in out] == [{"7": 2.0}, None, {"9": -1.0, "11": 3.0}]
+    assert json.loads(plain[0].text) is None
+
+
+def test_term_bias_names_each_terms_first_token_in_the_forms_a_note_writes_it(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bias = term_logit_bias(tokenizer, ["blood", "hypertension"], 2.5)
+    pieces = {tokenizer.decode([token]) for token in bias}
+    assert {" blood", "blood", " Blood", "Blood", " hypertension"} <= pieces
+    assert set(bias.values()) == {2.5}
+    first = {tokenizer.encode(text, add_special_tokens=False)[0] for text in (" ep", "ep")}
+    assert not first & set(term_logit_bias(tokenizer, ["ep"], 1.0))  # a 2-letter piece would steer any word
+
+
+def test_a_note_is_steered_to_its_key_terms_and_the_titles_of_codes_without_any():
+    prompt = prompt_format_for("default").with_keywords({"I10": ["pressure", "blood"], "J44.9": []})
+    assert steering_terms(prompt, ["I10", "J44.9"]) == ["pressure", "blood", "chronic", "disease", "obstructive",
+                                                        "pulmonary"]  # "unspecified" names no condition
+    assert steering_terms(prompt_format_for("default"), ["I10"]) == ["essential", "hypertension", "primary"]
+
+
+def test_term_bias_steers_the_transformers_sampler_to_the_prompts_key_terms(merged_dir, tmp_path):
+    distribution = CodeSetDistribution({"I10": 1.0, "J44.9": 1.0}, 0.5, 1e-5, "dp-histogram", privacy_unit="patient")
+    prompt = prompt_format_for("default").with_keywords({"I10": ["blood"], "J44.9": ["wheeze", "inhaler"]})
+    steered = SamplingConfig(max_new_tokens=6, batch_size=4, term_bias=100.0)
+    synthesize(merged_dir, tmp_path / "steered", 4, distribution, sampling=steered, seed=1, prompt=prompt)
+    plain = synthesize(merged_dir, tmp_path / "plain", 4, distribution, sampling=SamplingConfig(max_new_tokens=6,
+                       batch_size=4), seed=1, prompt=prompt)
+    assert plain["sampling"]["term_bias"] == 0.0
+    for note in load_synthetic(tmp_path / "steered"):  # at +100 every token is one of its own note's terms
+        words = set(note.text.lower().split())
+        terms = {"I10": {"blood"}, "J44.9": {"wheeze", "inhaler", "in", "wh"}}[note.codes[0]]
+        assert words and all(any(word.startswith(term[:2]) for term in terms) for word in words), note.text
+    assert [n.text for n in load_synthetic(tmp_path / "plain")] != [n.text for n in load_synthetic(tmp_path / "steered")]
 
 
 def test_a_refused_request_says_what_the_server_said():

@@ -30,6 +30,11 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 50
     batch_size: int = 16  # transformers backend; vLLM schedules by itself
+    # Logit bias on the first token of each term of a note's prompt (0: none): its key terms, and the
+    # title words of a code that has none (generation.synthesize.steering_terms). The terms are public
+    # or the run's DP release, so steering the sampler towards them is post-processing and costs no ε;
+    # it makes a briefly trained generator write the terms it was given (docs/utility.md §3f).
+    term_bias: float = 0.0
 
 
 @dataclass
@@ -41,8 +46,10 @@ class Generated:
 class GenerationBackend(Protocol):
     name: str
 
-    def generate(self, prompts: list[str], first_index: int, seed: int, sampling: SamplingConfig) -> list[Generated]:
-        """Complete `prompts`, which are notes first_index, first_index + 1, ... of the run."""
+    def generate(self, prompts: list[str], first_index: int, seed: int, sampling: SamplingConfig,
+                 logit_biases: list[dict[int, float]] | None = None) -> list[Generated]:
+        """Complete `prompts`, which are notes first_index, first_index + 1, ... of the run, adding
+        logit_biases[i] ({token id: bias}) to prompt i's logits at every step."""
 
     def close(self) -> None:
         """Release what the backend holds (a server it started); generation is over."""
@@ -87,6 +94,36 @@ def make_backend(name: str, model_dir: str, **options) -> GenerationBackend:
     return _BACKENDS[name](model_dir, **options)
 
 
+def term_logit_bias(tokenizer, terms: list[str], bias: float) -> dict[int, float]:
+    """{token id: bias} for the first token of each term as the note may write it: after a space or
+    at a line start, lower case or capitalised. A first token of fewer than 3 letters (the piece
+    "hyp" of a word the vocabulary splits is kept, " a" is not) would steer every word that starts
+    with it, so it is left out."""
+    tokens: dict[int, float] = {}
+    for term in terms:
+        for form in {term, term.capitalize()}:
+            for text in (" " + form, form):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and len(tokenizer.decode(ids[:1]).strip()) >= 3:
+                    tokens[ids[0]] = bias
+    return tokens
+
+
+class RowLogitBias:
+    """A transformers logits processor that adds row i's {token id: bias} to row i's scores."""
+
+    def __init__(self, biases: list[dict[int, float]], vocabulary: int, device: torch.device):
+        self.bias = torch.zeros(len(biases), vocabulary, device=device)
+        for row, bias in enumerate(biases):
+            if bias:
+                self.bias[row, list(bias)] = torch.tensor(list(bias.values()), device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        width = min(scores.shape[1], self.bias.shape[1])  # the model's logits may pad the tokenizer's vocabulary
+        scores[:, :width] += self.bias[:, :width].to(scores.dtype)
+        return scores
+
+
 @register_backend("transformers")
 class TransformersBackend:
     name = "transformers"
@@ -101,7 +138,9 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
 
     @torch.no_grad()
-    def generate(self, prompts, first_index, seed, sampling):
+    def generate(self, prompts, first_index, seed, sampling, logit_biases=None):
+        from transformers import LogitsProcessorList
+
         if first_index % sampling.batch_size:
             raise ValueError("the transformers backend generates whole batches: first_index must be a batch boundary")
         outputs = []
@@ -109,6 +148,8 @@ class TransformersBackend:
             chunk = prompts[start : start + sampling.batch_size]
             torch.manual_seed(note_seed(seed, first_index + start))
             encoded = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            biases = logit_biases[start : start + sampling.batch_size] if logit_biases else None
+            processors = LogitsProcessorList([RowLogitBias(biases, len(self.tokenizer), self.device)] if biases else [])
             generated = self.model.generate(
                 **encoded,
                 do_sample=sampling.temperature > 0,
@@ -117,6 +158,7 @@ class TransformersBackend:
                 top_k=sampling.top_k if sampling.temperature > 0 else None,
                 max_new_tokens=sampling.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=processors,
             )
             new = generated[:, encoded["input_ids"].shape[1] :]
             for row in new:
@@ -183,7 +225,7 @@ class VLLMBackend:
 
             self.lora = LoRARequest("dpnotes", 1, adapter_dir)
 
-    def generate(self, prompts, first_index, seed, sampling):
+    def generate(self, prompts, first_index, seed, sampling, logit_biases=None):
         from vllm import SamplingParams
 
         params = [
@@ -193,6 +235,7 @@ class VLLMBackend:
                 top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens,
                 seed=note_seed(seed, first_index + i),
+                logit_bias=logit_biases[i] if logit_biases else None,
             )
             for i in range(len(prompts))
         ]
@@ -231,7 +274,8 @@ class VLLMServerBackend:
         self.model = served_model or model_dir
         self.concurrency, self.timeout = concurrency, timeout
 
-    def _complete(self, prompt: str, note_index: int, seed: int, sampling: SamplingConfig) -> Generated:
+    def _complete(self, prompt: str, note_index: int, seed: int, sampling: SamplingConfig,
+                  logit_bias: dict[int, float] | None) -> Generated:
         body = {
             "model": self.model,
             "prompt": prompt,
@@ -243,6 +287,8 @@ class VLLMServerBackend:
             # The prompt is rendered in full (chat template included), as in training.
             "add_special_tokens": False,
         }
+        if logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in logit_bias.items()}
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -264,11 +310,12 @@ class VLLMServerBackend:
         return VLLMServerError(f"the vLLM server stopped answering ({error}); notes written so far are kept and a "
                                f"re-run resumes (log {self.server.log_path}):\n{log_tail(self.server.log_path)}")
 
-    def generate(self, prompts, first_index, seed, sampling):
+    def generate(self, prompts, first_index, seed, sampling, logit_biases=None):
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
-            futures = [pool.submit(self._complete, prompt, first_index + i, seed, sampling)
+            futures = [pool.submit(self._complete, prompt, first_index + i, seed, sampling,
+                                   logit_biases[i] if logit_biases else None)
                        for i, prompt in enumerate(prompts)]
             return [future.result() for future in futures]
 

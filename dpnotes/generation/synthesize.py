@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dpnotes.config import command_parser, load
 from dpnotes.console import command
 from dpnotes.corpus import Note
-from dpnotes.generation.backends import SamplingConfig, chunk_size, make_backend, resolve_backend
+from dpnotes.generation.backends import SamplingConfig, chunk_size, make_backend, resolve_backend, term_logit_bias
 from dpnotes.generation.conditioning import (
     PRIVACY_UNITS,
     CodeSetDistribution,
@@ -37,7 +37,8 @@ from dpnotes.generation.conditioning import (
     prior_distribution,
 )
 from dpnotes.errors import UserError
-from dpnotes.prompting import PromptFormat, prompt_format_from
+from dpnotes.privacy.keywords import words_of
+from dpnotes.prompting import PromptFormat, key_terms, prompt_format_from, public_title
 from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir
 
 CONDITIONING = "conditioning.json"
@@ -84,6 +85,20 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
     out_dir.mkdir(parents=True, exist_ok=True)
     distribution.save(saved)
     return distribution
+
+
+TITLE_FILLER = frozenset({"unspecified", "specified", "unsp"})  # in most ICD titles: name no condition
+
+
+def steering_terms(prompt: PromptFormat, codes: list[str]) -> list[str]:
+    """The words a note for `codes` is steered towards (`SamplingConfig.term_bias`): the prompt's key
+    terms, and for a code that got none the words of its public title. Both are in the prompt."""
+    terms = key_terms(prompt.keywords or {}, codes)
+    for code in codes:
+        if not (prompt.keywords or {}).get(code):
+            title = public_title(prompt.code_system, code) or ""
+            terms += sorted(words_of(title) - TITLE_FILLER - set(terms))
+    return terms
 
 
 def read_done(path: Path) -> dict[int, dict]:
@@ -160,8 +175,11 @@ def synthesize(
         try:
             for start in todo:
                 indices = [i for i in range(start, min(start + step, count)) if i not in done]
-                prompts = [prompt.render(code_sets[i], tokenizer) for i in range(start, min(start + step, count))]
-                outputs = engine.generate(prompts, start, seed, sampling)
+                chunk = range(start, min(start + step, count))
+                prompts = [prompt.render(code_sets[i], tokenizer) for i in chunk]
+                biases = ([term_logit_bias(tokenizer, steering_terms(prompt, code_sets[i]), sampling.term_bias)
+                           for i in chunk] if sampling.term_bias else None)
+                outputs = engine.generate(prompts, start, seed, sampling, biases)
                 for index in indices:
                     output = outputs[index - start]
                     note = Note(f"syn-{index:06d}", f"syn-{index:06d}", output.text, code_sets[index],
@@ -206,6 +224,7 @@ class GenerationConfig:
     prior_path: str | None = None  # conditioning: prior (a public code-set distribution, JSON)
     max_new_tokens: int = 256
     temperature: float = 0.8
+    term_bias: float = 0.0  # logit bias towards the key terms of each note's prompt (SamplingConfig.term_bias)
     batch_size: int = 16  # transformers backend; vLLM schedules by itself
     # auto: the vLLM server when `make vllm` built its environment, else transformers.
     backend: Literal["auto", "transformers", "vllm", "vllm-server"] = "auto"
@@ -214,7 +233,8 @@ class GenerationConfig:
     backend_options: dict = field(default_factory=dict)
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens, self.temperature, batch_size=self.batch_size)
+        return SamplingConfig(self.max_new_tokens, self.temperature, batch_size=self.batch_size,
+                              term_bias=self.term_bias)
 
 
 @dataclass(kw_only=True)

@@ -184,7 +184,8 @@ class Pipeline:
         return {"training": trained.get("config_hash"), "count": self.synthetic_count,
                 "conditioning": g.conditioning, "conditioning_epsilon": g.conditioning_epsilon,
                 "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and g.conditioning == "prior" else None,
-                "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "backend": backend,
+                "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "term_bias": g.term_bias,
+                "backend": backend,
                 # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
                 "batch_size": g.batch_size if backend == "transformers" else None}
 
