@@ -118,6 +118,41 @@ def test_generation_adds_the_runs_key_terms_to_the_conditioning():
     assert compose(old, conditioning)["total_epsilon"] == 9.0
 
 
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
+def test_the_run_total_composes_weights_and_key_terms_through_each_accountant(name):
+    """The key terms are one unsampled Gaussian step: each accountant composes it with the DP-SGD
+    steps at the weights' δ, tighter than basic composition, and as dp_accounting's PLD does."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    from dpnotes.privacy.accounting import make_accountant
+    from dpnotes.training.export import run_guarantee
+
+    class Engine:  # what run_guarantee reads of a PrivacyEngine
+        delta, noise_multiplier, sample_rate, steps_taken = 1e-5, 1.0, 0.02, 200
+        accountant = make_accountant(name)
+        accountant.step(noise_multiplier, sample_rate, steps_taken)
+
+        def epsilon(self):
+            return self.accountant.epsilon(self.delta)
+
+    engine = Engine()
+    terms = CodeKeywords({}, 2.0, 1e-5, "patient", calibrate_noise_multiplier(2.0, 1e-5, 1.0, 1, "pld"), 3.0, 10, 6)
+    epsilon, delta = run_guarantee(engine, terms)
+    assert delta == engine.delta
+    assert max(engine.epsilon(), 2.0) < epsilon < engine.epsilon() + 2.0
+    independent = RdpAccountant() if name == "rdp" else PLDAccountant()  # PRV and PLD are both near-exact
+    independent.compose(dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            engine.sample_rate, dp_accounting.GaussianDpEvent(engine.noise_multiplier)), engine.steps_taken),
+        dp_accounting.GaussianDpEvent(terms.noise_std)]))
+    assert epsilon == pytest.approx(independent.get_epsilon(delta), rel=0.02)
+    assert run_guarantee(engine, None) == (engine.epsilon(), engine.delta)
+    exact = CodeKeywords({}, math.inf, 0.0, "patient", 0.0, 0.0, 10, 6)
+    assert run_guarantee(engine, exact) == (math.inf, engine.delta)
+
+
 def test_a_training_run_releases_once_records_the_cost_and_prompts_with_the_terms(tmp_path, tiny_model_dir, monkeypatch):
     from dpnotes.training import setup as training_setup
     from dpnotes.training.config import load_config
