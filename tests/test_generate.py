@@ -296,38 +296,52 @@ def test_vllm_server_client_sends_each_prompts_own_logit_bias():
     assert json.loads(plain[0].text) is None
 
 
-def test_term_bias_names_each_terms_first_token_in_the_forms_a_note_writes_it(tiny_model_dir):
+def test_term_bias_names_each_terms_first_token_where_a_word_starts(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    bias = term_logit_bias(tokenizer, ["blood", "hypertension"], 2.5)
+    bias = term_logit_bias(tokenizer, ["blood", "hypertension", "encounter"], 2.5)
     pieces = {tokenizer.decode([token]) for token in bias}
-    assert {" blood", "blood", " Blood", "Blood", " hypertension"} <= pieces
+    assert {" blood", "blood", " Blood", "Blood", " hypertension", " encounter"} <= pieces
+    assert "enc" not in pieces  # a line-start piece that also sits inside words ("refer|enc|e")
+    assert all(piece.startswith(" ") or piece.lower() == "blood" for piece in pieces)
     assert set(bias.values()) == {2.5}
-    first = {tokenizer.encode(text, add_special_tokens=False)[0] for text in (" ep", "ep")}
-    assert not first & set(term_logit_bias(tokenizer, ["ep"], 1.0))  # a 2-letter piece would steer any word
+    assert not term_logit_bias(tokenizer, ["ep"], 1.0)  # a 2-letter piece would steer any word
 
 
-def test_a_note_is_steered_to_its_key_terms_and_the_titles_of_codes_without_any():
+def test_a_note_is_steered_to_its_key_terms_and_the_condition_words_of_titles_without_any():
     prompt = prompt_format_for("default").with_keywords({"I10": ["pressure", "blood"], "J44.9": []})
     assert steering_terms(prompt, ["I10", "J44.9"]) == ["pressure", "blood", "chronic", "disease", "obstructive",
                                                         "pulmonary"]  # "unspecified" names no condition
     assert steering_terms(prompt_format_for("default"), ["I10"]) == ["essential", "hypertension", "primary"]
+    # "...without complications" names an absence, "Type" no condition
+    assert steering_terms(prompt_format_for("default"), ["E11.9"]) == ["diabetes", "mellitus"]
 
 
-def test_term_bias_steers_the_transformers_sampler_to_the_prompts_key_terms(merged_dir, tmp_path):
+def test_term_bias_steers_each_row_of_the_transformers_sampler_to_its_own_terms(merged_dir, tmp_path):
     distribution = CodeSetDistribution({"I10": 1.0, "J44.9": 1.0}, 0.5, 1e-5, "dp-histogram", privacy_unit="patient")
-    prompt = prompt_format_for("default").with_keywords({"I10": ["blood"], "J44.9": ["wheeze", "inhaler"]})
+    terms = {"I10": ["blood"], "J44.9": ["wheeze", "inhaler"]}
+    prompt = prompt_format_for("default").with_keywords(terms)
     steered = SamplingConfig(max_new_tokens=6, batch_size=4, term_bias=100.0)
-    synthesize(merged_dir, tmp_path / "steered", 4, distribution, sampling=steered, seed=1, prompt=prompt)
-    plain = synthesize(merged_dir, tmp_path / "plain", 4, distribution, sampling=SamplingConfig(max_new_tokens=6,
-                       batch_size=4), seed=1, prompt=prompt)
+    synthesize(merged_dir, tmp_path / "steered", 8, distribution, sampling=steered, seed=1, prompt=prompt)
+    notes = load_synthetic(tmp_path / "steered")
+    assert {note.codes[0] for note in notes} == {"I10", "J44.9"}  # rows of both kinds share batches
+    for note in notes:  # at +100 every word starts with one of its own note's terms
+        words = note.text.lower().split()
+        assert words and all(any(term.startswith(word[:3]) for term in terms[note.codes[0]]) for word in words), note.text
+
+    plain = synthesize(merged_dir, tmp_path / "plain", 8, distribution,
+                       sampling=SamplingConfig(max_new_tokens=6, batch_size=4), seed=1, prompt=prompt)
     assert plain["sampling"]["term_bias"] == 0.0
-    for note in load_synthetic(tmp_path / "steered"):  # at +100 every token is one of its own note's terms
-        words = set(note.text.lower().split())
-        terms = {"I10": {"blood"}, "J44.9": {"wheeze", "inhaler", "in", "wh"}}[note.codes[0]]
-        assert words and all(any(word.startswith(term[:2]) for term in terms) for word in words), note.text
-    assert [n.text for n in load_synthetic(tmp_path / "plain")] != [n.text for n in load_synthetic(tmp_path / "steered")]
+    assert [n.text for n in load_synthetic(tmp_path / "plain")] != [n.text for n in notes]
+    with pytest.raises(ValueError, match="sampled with other settings \\(sampling\\)"):
+        synthesize(merged_dir, tmp_path / "plain", 12, distribution, sampling=steered, seed=1, prompt=prompt)
+
+    crashed = tmp_path / "crashed"  # a resumed steered run writes exactly the notes an uninterrupted one did
+    synthesize(merged_dir, crashed, 8, distribution, sampling=steered, seed=1, prompt=prompt)
+    (crashed / NOTES).write_text("".join((crashed / NOTES).read_text().splitlines(keepends=True)[:4]))
+    assert synthesize(merged_dir, crashed, 8, distribution, sampling=steered, seed=1, prompt=prompt)["written_this_run"] == 4
+    assert [n.text for n in load_synthetic(crashed)] == [n.text for n in notes]
 
 
 def test_a_refused_request_says_what_the_server_said():

@@ -127,10 +127,12 @@ def test_the_run_total_composes_weights_and_key_terms_through_each_accountant(na
     from dp_accounting.rdp import RdpAccountant
 
     from dpnotes.privacy.accounting import make_accountant
+    from dpnotes.privacy.engine import PrivacyConfig
     from dpnotes.training.export import run_guarantee
 
     class Engine:  # what run_guarantee reads of a PrivacyEngine
         delta, noise_multiplier, sample_rate, steps_taken = 1e-5, 1.0, 0.02, 200
+        config = PrivacyConfig(privacy_unit="patient")
         accountant = make_accountant(name)
         accountant.step(noise_multiplier, sample_rate, steps_taken)
 
@@ -149,8 +151,12 @@ def test_the_run_total_composes_weights_and_key_terms_through_each_accountant(na
         dp_accounting.GaussianDpEvent(terms.noise_std)]))
     assert epsilon == pytest.approx(independent.get_epsilon(delta), rel=0.02)
     assert run_guarantee(engine, None) == (engine.epsilon(), engine.delta)
-    exact = CodeKeywords({}, math.inf, 0.0, "patient", 0.0, 0.0, 10, 6)
-    assert run_guarantee(engine, exact) == (math.inf, engine.delta)
+    exact = CodeKeywords({}, math.inf, 1e-5, "patient", 0.0, 0.0, 10, 6)  # target ε = ∞: the exact ranking
+    assert run_guarantee(engine, exact) == (math.inf, 2e-5)
+    loose = CodeKeywords({}, 0.01, 1e-5, "patient", 0.5, 3.0, 10, 6)  # a mislabelled σ: basic composition is smaller
+    assert run_guarantee(engine, loose) == (pytest.approx(engine.epsilon() + 0.01), 2e-5)
+    with pytest.raises(ValueError, match="different units are never added"):
+        run_guarantee(engine, CodeKeywords({}, 2.0, 1e-5, "sequence", terms.noise_std, 3.0, 10, 6))
 
 
 def test_a_training_run_releases_once_records_the_cost_and_prompts_with_the_terms(tmp_path, tiny_model_dir, monkeypatch):

@@ -95,17 +95,21 @@ def make_backend(name: str, model_dir: str, **options) -> GenerationBackend:
 
 
 def term_logit_bias(tokenizer, terms: list[str], bias: float) -> dict[int, float]:
-    """{token id: bias} for the first token of each term as the note may write it: after a space or
-    at a line start, lower case or capitalised. A first token of fewer than 3 letters (the piece
-    "hyp" of a word the vocabulary splits is kept, " a" is not) would steer every word that starts
+    """{token id: bias} for the first token of each term as a note writes it, lower case or
+    capitalised: after a space, and at a line start when the term is one token there. (A byte-level
+    BPE writes a line-start word without its space, in pieces that also occur inside other words:
+    steering "enc" of "encounter" would nudge "refer|enc|e".) A first token of fewer than 3 letters
+    (" hyp" of a word the vocabulary splits is kept, " a" is not) would steer every word that starts
     with it, so it is left out."""
     tokens: dict[int, float] = {}
     for term in terms:
         for form in {term, term.capitalize()}:
-            for text in (" " + form, form):
-                ids = tokenizer.encode(text, add_special_tokens=False)
-                if ids and len(tokenizer.decode(ids[:1]).strip()) >= 3:
-                    tokens[ids[0]] = bias
+            spaced = tokenizer.encode(" " + form, add_special_tokens=False)
+            if spaced and len(tokenizer.decode(spaced[:1]).strip()) >= 3:
+                tokens[spaced[0]] = bias
+            bare = tokenizer.encode(form, add_special_tokens=False)
+            if len(bare) == 1 and len(form) >= 3 and tokenizer.decode(bare) == form:
+                tokens[bare[0]] = bias
     return tokens
 
 
@@ -119,6 +123,8 @@ class RowLogitBias:
                 self.bias[row, list(bias)] = torch.tensor(list(bias.values()), device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != self.bias.shape[0]:  # one row per prompt: no beams, one sequence each
+            raise ValueError(f"{scores.shape[0]} rows of scores for {self.bias.shape[0]} prompts' biases")
         width = min(scores.shape[1], self.bias.shape[1])  # the model's logits may pad the tokenizer's vocabulary
         scores[:, :width] += self.bias[:, :width].to(scores.dtype)
         return scores
@@ -235,7 +241,7 @@ class VLLMBackend:
                 top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens,
                 seed=note_seed(seed, first_index + i),
-                logit_bias=logit_biases[i] if logit_biases else None,
+                logit_bias=(logit_biases[i] or None) if logit_biases else None,
             )
             for i in range(len(prompts))
         ]

@@ -42,6 +42,7 @@ from dpnotes.prompting import PromptFormat, key_terms, prompt_format_from, publi
 from dpnotes.runs import MANIFEST, NOTES, PRIVACY_REPORT, RunDir
 
 CONDITIONING = "conditioning.json"
+SAMPLED_WITH = "sampled_with.json"  # how the notes in a folder were sampled: a resume must sample the same way
 DP_RELEASES = {"dp-histogram": dp_code_set_histogram, "dp-marginals": dp_code_marginals}
 
 
@@ -87,18 +88,40 @@ def conditioning_for(out_dir: Path, source: str, train_notes: list[Note] | None,
     return distribution
 
 
-TITLE_FILLER = frozenset({"unspecified", "specified", "unsp"})  # in most ICD titles: name no condition
+# Words of ICD titles that name no condition (laterality, encounter, specificity) and steer notes off it.
+TITLE_FILLER = frozenset({"unspecified", "specified", "unsp", "type", "site", "right", "left", "encounter",
+                          "initial", "subsequent", "sequela", "general"})
+
+
+def title_terms(system: str, code: str) -> set[str]:
+    """The words of `code`'s public title that name its condition: what follows "without" names an
+    absence ("without abnormal findings"), and filler words name none."""
+    title = (public_title(system, code) or "").lower().split(" without ")[0]
+    return words_of(title) - TITLE_FILLER
 
 
 def steering_terms(prompt: PromptFormat, codes: list[str]) -> list[str]:
     """The words a note for `codes` is steered towards (`SamplingConfig.term_bias`): the prompt's key
-    terms, and for a code that got none the words of its public title. Both are in the prompt."""
-    terms = key_terms(prompt.keywords or {}, codes)
+    terms, and for a code that got none the condition words of its public title. Both are in the prompt."""
+    keywords = prompt.keywords or {}
+    terms = key_terms(keywords, codes)
     for code in codes:
-        if not (prompt.keywords or {}).get(code):
-            title = public_title(prompt.code_system, code) or ""
-            terms += sorted(words_of(title) - TITLE_FILLER - set(terms))
+        if not keywords.get(code):
+            terms += sorted(title_terms(prompt.code_system, code) - set(terms))
     return terms
+
+
+def check_same_sampling(out_dir: Path, settings: dict, has_notes: bool) -> None:
+    """Refuse to add notes to a folder whose notes were sampled otherwise (another temperature,
+    steering, prompt, seed or backend): the set would mix two generators' outputs."""
+    saved = out_dir / SAMPLED_WITH
+    if has_notes and saved.exists():
+        before = json.loads(saved.read_text())
+        changed = sorted(key for key in {*before, *settings} if before.get(key) != settings.get(key))
+        if changed:
+            raise UserError(f"{out_dir} holds notes sampled with other settings ({', '.join(changed)}): "
+                            f"use another output_dir, or remove it to start over")
+    saved.write_text(json.dumps(settings, indent=2))
 
 
 def read_done(path: Path) -> dict[int, dict]:
@@ -166,6 +189,10 @@ def synthesize(
     code_sets = distribution.sample(count, seed)
     notes_path = out_dir / NOTES
     done = read_done(notes_path)
+    # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
+    sampled = {k: v for k, v in asdict(sampling).items() if k != "batch_size" or backend == "transformers"}
+    check_same_sampling(out_dir, {"sampling": sampled, "seed": seed, "backend": backend,
+                                  "prompt_format": prompt.to_dict()}, bool(done))
     notes_path.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))  # rewrite without a torn line
     step = chunk_size(backend, sampling)
     todo = [start for start in range(0, count, step) if any(i not in done for i in range(start, min(start + step, count)))]

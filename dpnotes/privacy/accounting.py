@@ -24,6 +24,7 @@ from numbers import Integral
 from typing import Any, ClassVar
 
 import dp_accounting
+import numpy as np
 from dp_accounting import pld
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -132,7 +133,8 @@ class PrvAccountant(PrivacyAccountant):
     def _epsilon(self, delta: float) -> float:
         opacus_accountant = PRVAccountant()
         opacus_accountant.history = list(self.history)
-        return opacus_accountant.get_epsilon(delta, eps_error=self.eps_error)
+        with np.errstate(divide="ignore"):  # an unsampled step (q = 1) takes log(1 - q) = -inf on the way, harmlessly
+            return opacus_accountant.get_epsilon(delta, eps_error=self.eps_error)
 
 
 @register_accountant("pld")

@@ -95,6 +95,7 @@ DP_CODER_MODULES = CODER_MODULES + ("dpnotes.evaluation.dp_sweep", "dpnotes.eval
 
 
 EVALUATION_MODULES = CODER_MODULES + ("dpnotes.evaluation.stages", "dpnotes.evaluation.leakage", "dpnotes.evaluation.fidelity")
+STEERING_MODULES = ("dpnotes.generation.backends", "dpnotes.generation.synthesize")  # which tokens term_bias steers
 GENERATION_INPUTS = "inputs.json"  # in each synthetic/ folder: the key of what its notes were made from
 RELEASE_INPUTS = frozenset({"training", "conditioning", "conditioning_epsilon", "prior"})  # what the code-set release depends on
 
@@ -185,7 +186,7 @@ class Pipeline:
                 "conditioning": g.conditioning, "conditioning_epsilon": g.conditioning_epsilon,
                 "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and g.conditioning == "prior" else None,
                 "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "term_bias": g.term_bias,
-                "backend": backend,
+                "steering": source_digest(*STEERING_MODULES) if g.term_bias else None, "backend": backend,
                 # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
                 "batch_size": g.batch_size if backend == "transformers" else None}
 

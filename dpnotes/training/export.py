@@ -23,6 +23,9 @@ def run_guarantee(engine: PrivacyEngine, keywords: CodeKeywords | None) -> tuple
     composition bounds the pair too, at (ε_weights + ε_terms, δ_weights + δ_terms); the accountant's
     pair is reported when its ε is smaller (its δ always is).
     """
+    if keywords is not None and keywords.privacy_unit != engine.config.privacy_unit:
+        raise ValueError(f"key terms released at unit {keywords.privacy_unit!r}, weights trained at "
+                         f"{engine.config.privacy_unit!r}: guarantees of different units are never added")
     basic = (engine.epsilon() + keywords.epsilon, engine.delta + keywords.delta) if keywords else None
     if keywords is None or engine.steps_taken == 0 or engine.noise_multiplier == 0 or keywords.noise_std == 0:
         return basic or (engine.epsilon(), engine.delta)
