@@ -67,12 +67,12 @@ def test_notes_through_a_started_server_then_a_kill_mid_run_and_a_resume(run, tm
     monkeypatch.setattr(backends.VLLMServerBackend, "chunk_size", 4)
     real_generate, servers = backends.VLLMServerBackend.generate, []
 
-    def generate_then_kill(self, prompts, first_index, seed, sampling):
+    def generate_then_kill(self, prompts, first_index, seed, sampling, logit_biases=None):
         if first_index == 4:
             servers.append(self.server)
             os.killpg(self.server.process.pid, signal.SIGKILL)
             self.server.process.wait()
-        return real_generate(self, prompts, first_index, seed, sampling)
+        return real_generate(self, prompts, first_index, seed, sampling, logit_biases)
 
     monkeypatch.setattr(backends.VLLMServerBackend, "generate", generate_then_kill)
     crashed = tmp_path / "crashed"
@@ -89,15 +89,21 @@ def test_notes_through_a_started_server_then_a_kill_mid_run_and_a_resume(run, tm
 
 
 @pytest.mark.slow
-def test_base_model_with_the_lora_adapter(run, tiny_model_dir):
+def test_base_model_with_the_lora_adapter_and_a_logit_bias_per_prompt(run, tiny_model_dir):
+    from transformers import AutoTokenizer
+
     folder, _ = run
+    blood = AutoTokenizer.from_pretrained(tiny_model_dir).encode(" blood", add_special_tokens=False)[0]
     backend = make_backend("vllm-server", str(tiny_model_dir), adapter_dir=str(folder / "adapter"), max_lora_rank=8,
                            concurrency=4, **SERVER)
     try:
         outputs = backend.generate(["Write a note.\n"] * 6, 0, 0, SAMPLING)
+        steered = backend.generate(["Write a note.\n"] * 2, 0, 0, SAMPLING, [{blood: 100.0}, {}])
     finally:
         backend.close()
     assert len(outputs) == 6 and all(o.new_tokens > 0 for o in outputs)
+    assert steered[0].text.split() == ["blood"] * SAMPLING.max_new_tokens  # the server applied the bias
+    assert steered[1].text == outputs[1].text  # to its own prompt only (note 1: same seed, no bias)
     with pytest.raises(ProcessLookupError):  # stopped with its engine and worker processes
         os.killpg(backend.server.process.pid, 0)
 
