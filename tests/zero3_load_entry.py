@@ -40,3 +40,6 @@ head, embedding = model.get_output_embeddings().weight, model.get_input_embeddin
 with GatheredParameters([embedding]):
     equal = torch.equal(head, embedding)
 print(f"rank {rank}: untied head {tuple(head.shape)}, embedding {tuple(embedding.ds_shape)}, equal {equal}", flush=True)
+# Leave together: a rank that exits while the other still gathers aborts in gloo's teardown (SIGABRT).
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
