@@ -2,9 +2,10 @@
 real dev notes only (not a test; CPU, seconds per row, no model).
 
     python bench/key_terms.py --conditioning runs/demo/eps_8/synthetic/conditioning.json 1 2 4 inf
+    python bench/key_terms.py --part mtsamples --count 200 --conditioning runs/study/mtsamples/eps_8/synthetic/conditioning.json 2
 
-Each row releases key terms from the train split of the demo's corpus (dpnotes/privacy/keywords.py, at
-the patient unit, the demo's vocabulary and terms per code), writes each of the release's code sets as
+Each row releases key terms from the train split of the demo's corpus, or a study part's (`--part`;
+dpnotes/privacy/keywords.py, at the run's privacy unit, vocabulary and terms per code), writes each of the release's code sets as
 its prompt (titles, then "Key terms: …"; `prompt_only_notes`) and trains the TF-IDF coder of
 bench/generator_sweep.py on them: C and threshold on one half of the real dev split, micro-F1 on the
 other half. The code sets are a saved conditioning release (no new ε spent on them); the first row is
@@ -17,8 +18,9 @@ import argparse
 import math
 from pathlib import Path
 
-from generator_sweep import dev_halves, dev_score
+from generator_sweep import DEMO, dev_halves, dev_score
 
+from dpnotes import CHECKOUT
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.references import prompt_only_notes
@@ -27,17 +29,18 @@ from dpnotes.models import load_tokenizer
 from dpnotes.privacy.keywords import dp_code_keywords, keyword_units, public_vocabulary
 from dpnotes.study.pipeline import Pipeline, load_pipeline_config
 
-DEMO = "dpnotes/study/configs/pipeline_demo.yaml"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("epsilons", nargs="+", type=float, help="key-term ε per row (inf: the exact ranking)")
     parser.add_argument("--conditioning", type=Path, required=True, help="a saved code-set release (conditioning.json)")
+    parser.add_argument("--part", help="a study part (study_<part>.yaml) instead of the demo")
     parser.add_argument("--count", type=int, default=630)
     parser.add_argument("--bootstrap", type=int, default=200)
     args = parser.parse_args()
-    pipeline = Pipeline(load_pipeline_config(DEMO))
+    config_path = CHECKOUT / "dpnotes" / "study" / "configs" / f"study_{args.part}.yaml" if args.part else DEMO
+    pipeline = Pipeline(load_pipeline_config(config_path, ["report_to=none"]))
     config = pipeline.train_config(pipeline.config.epsilons[0])
     train_notes, threshold_half, scored_half = dev_halves(pipeline)
     code_sets = CodeSetDistribution.load(args.conditioning).sample(args.count, 0)

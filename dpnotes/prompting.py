@@ -3,7 +3,7 @@
 The prompt carries public knowledge only, so it costs no ε: the kind of document a corpus holds
 (from the corpus's public description) and the titles its code system gives the note's codes
 (ICD-10-CM from `simple_icd_10_cm`, ICD-9-CM from the CMS list shipped in dpnotes/corpus/data, a
-specialty is its own title). It is an instruction in the model's chat template when the model has
+specialty its name and scope from dpnotes/corpus/data/specialty_scopes.tsv). It is an instruction in the model's chat template when the model has
 one: the pretrained model then already writes a plausible note from it, and DP fine-tuning only has
 to nudge it towards the corpus (Li et al. 2021; Yue et al. 2023 — bare "Codes: I10" prompts left a
 135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
@@ -17,6 +17,8 @@ that generation prompts with exactly the terms training did. Their (ε, δ) is i
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -30,11 +32,20 @@ PLAIN_NOTE_HEADER = "\nNote:\n"  # ends the prompt of a model without a chat tem
 SYSTEM_MESSAGE = "You are a physician who writes realistic, concise clinical documentation."
 
 
+def _shipped_tsv(name: str) -> dict[str, str]:
+    text = resources.files("dpnotes.corpus").joinpath("data", name).read_text(encoding="utf-8")
+    rows = (line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {key: value for key, value in rows}
+
+
 @functools.cache
 def _icd9_titles() -> dict[str, str]:
-    text = resources.files("dpnotes.corpus").joinpath("data", "icd9cm_titles.tsv").read_text(encoding="utf-8")
-    rows = (line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    return {code: title for code, title in rows}
+    return _shipped_tsv("icd9cm_titles.tsv")
+
+
+@functools.cache
+def _specialty_scopes() -> dict[str, str]:
+    return _shipped_tsv("specialty_scopes.tsv")
 
 
 def _icd10_title(code: str) -> str | None:
@@ -44,9 +55,12 @@ def _icd10_title(code: str) -> str | None:
 
 
 def public_title(system: str, code: str) -> str | None:
-    """The title `system` gives `code` (a specialty is its own title), or None when it has none."""
+    """The title `system` gives `code`, or None when it has none. A specialty's title is its name and,
+    for the mtsamples.com categories, what the specialty covers: "Ophthalmology (eyes: cataract, …)". A
+    name alone left a generator and a coder little to go on (docs/utility.md, section 3g)."""
     if system == "specialty":
-        return code
+        scope = _specialty_scopes().get(code)
+        return f"{code} ({scope})" if scope else code
     title = None
     if system in ("icd10cm", "icd"):
         title = _icd10_title(code)
@@ -55,11 +69,29 @@ def public_title(system: str, code: str) -> str | None:
     return title
 
 
+# Where each code system's titles come from: a change there changes every prompt of that system.
+TITLE_SOURCES = {"icd10cm": ("simple-icd-10-cm",), "icd9cm": ("icd9cm_titles.tsv",),
+                 "icd": ("simple-icd-10-cm", "icd9cm_titles.tsv"), "specialty": ("specialty_scopes.tsv",), "none": ()}
+
+
+def title_source_digest(system: str) -> str:
+    """Digest of the title sources of `system` (the shipped tables' bytes, the ICD-10-CM package's
+    version): a part of what a trained run depends on that its settings do not show."""
+    import importlib.metadata
+
+    parts = [importlib.metadata.version(source) if not source.endswith(".tsv")
+             else hashlib.sha256(resources.files("dpnotes.corpus").joinpath("data", source).read_bytes()).hexdigest()
+             for source in TITLE_SOURCES[system]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def code_title(system: str, code: str) -> str:
-    """`code` as a prompt names it: "title (code)", the specialty itself, or the bare code when
-    the system has no title for it."""
+    """`code` as a prompt names it: "title (code)", a specialty's title (which starts with its name), or
+    the bare code when the system has no title for it."""
     title = public_title(system, code)
-    return code if title is None or title == code else f"{title} ({code})"
+    if title is None:
+        return code
+    return title if system == "specialty" else f"{title} ({code})"
 
 
 def key_terms(keywords: Mapping[str, Sequence[str]], codes: Sequence[str]) -> list[str]:

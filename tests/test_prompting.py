@@ -16,14 +16,15 @@ def test_titles_come_from_the_public_code_systems():
     assert code_title("icd9cm", "96.04") == "96.04"  # a procedure code has no diagnosis title: shown bare
     assert code_title("icd", "I10") == "Essential (primary) hypertension (I10)"
     assert code_title("icd", "486") == "Pneumonia, organism unspecified (486)"
-    assert code_title("specialty", "Cardiovascular / Pulmonary") == "Cardiovascular / Pulmonary"
+    assert code_title("specialty", "Ophthalmology") == "Ophthalmology (eyes: cataract, glaucoma, retina, visual acuity, intraocular lens)"
+    assert code_title("specialty", "Toxicology") == "Toxicology"  # a specialty without a shipped scope: its name
     assert code_title("none", "I10") == "I10"
 
 
 def test_label_titles_are_the_bare_public_titles_of_the_corpus_code_system():
     assert label_titles(["786.2", "96.04"], "cmc2007:x") == {"786.2": "Cough"}  # untitled codes are left out
     assert label_titles(["E11.9"], "default") == {"E11.9": "Type 2 diabetes mellitus without complications"}
-    assert label_titles(["Urology"], "mtsamples:x") == {"Urology": "Urology"}
+    assert label_titles(["Urology"], "mtsamples:x")["Urology"].startswith("Urology (urinary tract")
     assert label_titles(["E11.9"], "notes.jsonl") == {}  # an unknown corpus kind has no code system
 
 
@@ -31,8 +32,18 @@ def test_label_titles_are_the_bare_public_titles_of_the_corpus_code_system():
 def test_every_public_label_of_a_titled_corpus_has_a_title(corpus):
     system = prompt_format_for(corpus if corpus == "default" else f"{corpus}:x").code_system
     untitled = [code for code in public_label_space(None, corpus if corpus == "default" else f"{corpus}:x")
-                if code_title(system, code) == code and system != "specialty"]
-    assert untitled == []
+                if code_title(system, code) == code]
+    assert untitled == []  # every mtsamples.com category has its scope
+
+
+def test_a_change_of_titles_is_a_change_of_the_training_run(monkeypatch):
+    import dpnotes.prompting as prompting
+
+    config = TrainConfig(corpus="mtsamples:x")
+    before, other = config.fingerprint(), TrainConfig(corpus="default").fingerprint()
+    monkeypatch.setitem(prompting.TITLE_SOURCES, "specialty", ())
+    assert config.fingerprint() != before  # the scopes table shapes every mtsamples prompt
+    assert TrainConfig(corpus="default").fingerprint() == other
 
 
 def test_corpus_kinds_pick_their_formats():

@@ -12,7 +12,7 @@ from typing import Literal
 
 from dpnotes.config import as_dict, load
 from dpnotes.models import ComputeDtype, resolve_dtype
-from dpnotes.prompting import PromptFormat, prompt_format_for
+from dpnotes.prompting import PromptFormat, prompt_format_for, title_source_digest
 from dpnotes.privacy.engine import PrivacyConfig
 from dpnotes.training.model_setup import TrainableConfig
 
@@ -75,7 +75,9 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of everything that determines the result (not where it is written)."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "report_to", "save_every", "save_full_model")}
-        content["prompt"] = self.prompt_format().to_dict()  # the derived format too: it shapes every example
+        prompt = self.prompt_format()
+        content["prompt"] = prompt.to_dict()  # the derived format too: it shapes every example
+        content["titles"] = title_source_digest(prompt.code_system)  # and the titles it writes
         content["dtype"] = self.resolved_dtype()  # auto is bf16 on one machine and fp32 on another
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
