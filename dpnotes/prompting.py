@@ -3,10 +3,10 @@
 The prompt carries public knowledge only, so it costs no ε: the kind of document a corpus holds
 (from the corpus's public description) and the titles its code system gives the note's codes
 (ICD-10-CM from `simple_icd_10_cm`, ICD-9-CM from the CMS list shipped in dpnotes/corpus/data, a
-specialty its name and scope from dpnotes/corpus/data/specialty_scopes.tsv). It is an instruction in the model's chat template when the model has
-one: the pretrained model then already writes a plausible note from it, and DP fine-tuning only has
-to nudge it towards the corpus (Li et al. 2021; Yue et al. 2023 — bare "Codes: I10" prompts left a
-135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
+specialty its name and scope from dpnotes/corpus/data/specialty_scopes.tsv). It is an instruction in
+the model's chat template when the model has one: the pretrained model then already writes a
+plausible note from it, and DP fine-tuning only has to nudge it towards the corpus (Li et al. 2021;
+Yue et al. 2023 — bare "Codes: I10" prompts left a 135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
 p(note | codes) and spends no budget on the (private) code distribution, which is released
 separately (dpnotes/generation/conditioning.py).
 
