@@ -6,9 +6,9 @@ The prompt carries public knowledge only, so it costs no ε: the kind of documen
 specialty its name and scope from dpnotes/corpus/data/specialty_scopes.tsv). It is an instruction in
 the model's chat template when the model has one: the pretrained model then already writes a
 plausible note from it, and DP fine-tuning only has to nudge it towards the corpus (Li et al. 2021;
-Yue et al. 2023 — bare "Codes: I10" prompts left a 135M model writing off-topic text). Training masks the prompt out of the loss, so the model learns
-p(note | codes) and spends no budget on the (private) code distribution, which is released
-separately (dpnotes/generation/conditioning.py).
+Yue et al. 2023 — bare "Codes: I10" prompts left a 135M model writing off-topic text). Training
+masks the prompt out of the loss, so the model learns p(note | codes) and spends no budget on the
+(private) code distribution, which is released separately (dpnotes/generation/conditioning.py).
 
 A run may add key terms per code (`keywords`): words of a public vocabulary that the notes of each code
 use, released with DP by the training run (dpnotes/privacy/keywords.py) and recorded in its format, so
