@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -77,8 +78,6 @@ TITLE_SOURCES = {"icd10cm": ("simple-icd-10-cm",), "icd9cm": ("icd9cm_titles.tsv
 def title_source_digest(system: str) -> str:
     """Digest of the title sources of `system` (the shipped tables' bytes, the ICD-10-CM package's
     version): a part of what a trained run depends on that its settings do not show."""
-    import importlib.metadata
-
     parts = [importlib.metadata.version(source) if not source.endswith(".tsv")
              else hashlib.sha256(resources.files("dpnotes.corpus").joinpath("data", source).read_bytes()).hexdigest()
              for source in TITLE_SOURCES[system]]
