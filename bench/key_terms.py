@@ -5,8 +5,8 @@ real dev notes only (not a test; CPU, seconds per row, no model).
     python bench/key_terms.py --part mtsamples --count 200 --conditioning runs/study/mtsamples/eps_8/synthetic/conditioning.json 2
 
 Each row releases key terms from the train split of the demo's corpus, or a study part's (`--part`;
-dpnotes/privacy/keywords.py, at the run's privacy unit, vocabulary and terms per code), writes each of the release's code sets as
-its prompt (titles, then "Key terms: …"; `prompt_only_notes`) and trains the TF-IDF coder of
+dpnotes/privacy/keywords.py, at the run's privacy unit, vocabulary and terms per code), writes each
+of the release's code sets as its prompt (titles, then "Key terms: …"; `prompt_only_notes`) and trains the TF-IDF coder of
 bench/generator_sweep.py on them: C and threshold on one half of the real dev split, micro-F1 on the
 other half. The code sets are a saved conditioning release (no new ε spent on them); the first row is
 titles only. The key-term noise is fresh each run (OS entropy), so rows move by a few hundredths
@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 
 from generator_sweep import DEMO, dev_halves, dev_score
+from sampling_sweep import PART_CONFIGS
 
-from dpnotes import CHECKOUT
 from dpnotes.corpus.code_lists import public_label_space
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.references import prompt_only_notes
@@ -28,7 +28,6 @@ from dpnotes.generation.conditioning import CodeSetDistribution
 from dpnotes.models import load_tokenizer
 from dpnotes.privacy.keywords import dp_code_keywords, keyword_units, public_vocabulary
 from dpnotes.study.pipeline import Pipeline, load_pipeline_config
-
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=630)
     parser.add_argument("--bootstrap", type=int, default=200)
     args = parser.parse_args()
-    config_path = CHECKOUT / "dpnotes" / "study" / "configs" / f"study_{args.part}.yaml" if args.part else DEMO
+    config_path = PART_CONFIGS / f"study_{args.part}.yaml" if args.part else DEMO
     pipeline = Pipeline(load_pipeline_config(config_path, ["report_to=none"]))
     config = pipeline.train_config(pipeline.config.epsilons[0])
     train_notes, threshold_half, scored_half = dev_halves(pipeline)
