@@ -35,7 +35,8 @@ from dpnotes.study.pipeline import Pipeline, load_pipeline_config
 
 PART_CONFIGS = CHECKOUT / "dpnotes" / "study" / "configs"
 BASE, TITLES = "base", "titles"
-GENERATION_KEYS = {"temperature": float, "top_k": int, "max_new_tokens": int, "term_bias": float}
+GENERATION_KEYS = {"temperature": float, "top_k": int, "max_new_tokens": int, "term_bias": float, "title_steering": str,
+                   "frequency_penalty": float}
 
 
 def parse_setting(setting: str) -> tuple[str, dict, int | None]:
@@ -93,8 +94,10 @@ def main() -> None:
     parser.add_argument("--part", default="default", help="study part: study_<part>.yaml")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--override", action="append", default=[],
+                        help="pipeline config override, e.g. output_dir=runs/study_mts_rep (another run's generators)")
     args = parser.parse_args()
-    pipeline = Pipeline(load_pipeline_config(PART_CONFIGS / f"study_{args.part}.yaml", ["report_to=none"]))
+    pipeline = Pipeline(load_pipeline_config(PART_CONFIGS / f"study_{args.part}.yaml", ["report_to=none", *args.override]))
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     for setting in [REAL, *args.settings]:

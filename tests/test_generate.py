@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpnotes.corpus import Note, generate_default_corpus
-from dpnotes.generation.backends import SamplingConfig, make_backend, term_logit_bias
+from dpnotes.generation.backends import OutputFrequencyPenalty, SamplingConfig, make_backend, term_logit_bias
 from dpnotes.generation.conditioning import (
     CodeSetDistribution,
     dp_code_marginals,
@@ -296,6 +296,22 @@ def test_vllm_server_client_sends_each_prompts_own_logit_bias():
     assert json.loads(plain[0].text) is None
 
 
+class PenaltyEchoingCompletions(CompletionsServer):
+    def answer(self, body):
+        return 200, {"choices": [{"text": json.dumps(body.get("frequency_penalty"))}], "usage": {"completion_tokens": 1}}
+
+
+def test_the_frequency_penalty_counts_the_notes_own_tokens_never_the_prompts():
+    prompt_length = 3
+    input_ids = torch.tensor([[5, 5, 5, 2, 2, 7], [5, 1, 1, 0, 0, 0]])  # prompt | generated
+    scores = OutputFrequencyPenalty(prompt_length, 0.5)(input_ids, torch.zeros(2, 10))
+    expected = torch.zeros(2, 10)
+    expected[0, 2], expected[0, 7], expected[1, 0] = -1.0, -0.5, -1.5
+    assert torch.equal(scores, expected)  # token 5, written only by the prompt, is not penalised
+    with serving(PenaltyEchoingCompletions) as backend:  # vLLM applies the same rule server-side
+        assert json.loads(backend.generate(["a"], 0, 0, SamplingConfig(frequency_penalty=0.4))[0].text) == 0.4
+
+
 def test_term_bias_names_each_terms_first_token_where_a_word_starts(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -316,6 +332,9 @@ def test_a_note_is_steered_to_its_key_terms_and_the_condition_words_of_titles_wi
     assert steering_terms(prompt_format_for("default"), ["I10"]) == ["essential", "hypertension", "primary"]
     # "...without complications" names an absence, "Type" no condition
     assert steering_terms(prompt_format_for("default"), ["E11.9"]) == ["diabetes", "mellitus"]
+    # every_title: a code's DP terms (possibly a noise word) no longer displace its title's words
+    assert steering_terms(prompt, ["I10", "J44.9"], every_title=True) == [
+        "pressure", "blood", "essential", "hypertension", "primary", "chronic", "disease", "obstructive", "pulmonary"]
 
 
 def test_term_bias_steers_each_row_of_the_transformers_sampler_to_its_own_terms(merged_dir, tmp_path):

@@ -13,7 +13,7 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 
@@ -35,6 +35,12 @@ class SamplingConfig:
     # or the run's DP release, so steering the sampler towards them is post-processing and costs no ε;
     # it makes a briefly trained generator write the terms it was given (docs/utility.md §3f).
     term_bias: float = 0.0
+    # Whose title words are steered: a code's only where the key-term release gave it none, or every code's.
+    title_steering: Literal["codes_without_terms", "every_code"] = "codes_without_terms"
+    # Subtracted from a token's logit once per time the note has already written it (OpenAI/vLLM
+    # semantics: generated tokens only, never the prompt's, so it does not undo the steering towards
+    # the prompt's terms). It stops a steered term from looping ("Procedure: Procedure: ...").
+    frequency_penalty: float = 0.0
 
 
 @dataclass
@@ -130,6 +136,21 @@ class RowLogitBias:
         return scores
 
 
+class OutputFrequencyPenalty:
+    """A transformers logits processor: score −= penalty · (times the row's generated tokens hold the token)."""
+
+    def __init__(self, prompt_length: int, penalty: float):
+        self.prompt_length, self.penalty = prompt_length, penalty
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        written = input_ids[:, self.prompt_length :]
+        if written.shape[1]:
+            counts = torch.zeros_like(scores)
+            counts.scatter_add_(1, written, torch.ones_like(written, dtype=scores.dtype))
+            scores -= self.penalty * counts
+        return scores
+
+
 @register_backend("transformers")
 class TransformersBackend:
     name = "transformers"
@@ -156,6 +177,8 @@ class TransformersBackend:
             encoded = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             biases = logit_biases[start : start + sampling.batch_size] if logit_biases else None
             processors = LogitsProcessorList([RowLogitBias(biases, len(self.tokenizer), self.device)] if biases else [])
+            if sampling.frequency_penalty:
+                processors.append(OutputFrequencyPenalty(encoded["input_ids"].shape[1], sampling.frequency_penalty))
             generated = self.model.generate(
                 **encoded,
                 do_sample=sampling.temperature > 0,
@@ -240,6 +263,7 @@ class VLLMBackend:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens,
+                frequency_penalty=sampling.frequency_penalty,
                 seed=note_seed(seed, first_index + i),
                 logit_bias=(logit_biases[i] or None) if logit_biases else None,
             )
@@ -289,6 +313,7 @@ class VLLMServerBackend:
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
+            "frequency_penalty": sampling.frequency_penalty,
             "seed": note_seed(seed, note_index),
             # The prompt is rendered in full (chat template included), as in training.
             "add_special_tokens": False,

@@ -100,13 +100,14 @@ def title_terms(system: str, code: str) -> set[str]:
     return words_of(title) - TITLE_FILLER
 
 
-def steering_terms(prompt: PromptFormat, codes: list[str]) -> list[str]:
+def steering_terms(prompt: PromptFormat, codes: list[str], every_title: bool = False) -> list[str]:
     """The words a note for `codes` is steered towards (`SamplingConfig.term_bias`): the prompt's key
-    terms, and for a code that got none the condition words of its public title. Both are in the prompt."""
+    terms, and the condition words of the public title of each code that got none (of every code with
+    `every_title`). Both are in the prompt."""
     keywords = prompt.keywords or {}
     terms = key_terms(keywords, codes)
     for code in codes:
-        if not keywords.get(code):
+        if every_title or not keywords.get(code):
             terms += sorted(title_terms(prompt.code_system, code) - set(terms))
     return terms
 
@@ -204,7 +205,8 @@ def synthesize(
                 indices = [i for i in range(start, min(start + step, count)) if i not in done]
                 chunk = range(start, min(start + step, count))
                 prompts = [prompt.render(code_sets[i], tokenizer) for i in chunk]
-                biases = ([term_logit_bias(tokenizer, steering_terms(prompt, code_sets[i]), sampling.term_bias)
+                every_title = sampling.title_steering == "every_code"
+                biases = ([term_logit_bias(tokenizer, steering_terms(prompt, code_sets[i], every_title), sampling.term_bias)
                            for i in chunk] if sampling.term_bias else None)
                 outputs = engine.generate(prompts, start, seed, sampling, biases)
                 for index in indices:
@@ -252,6 +254,8 @@ class GenerationConfig:
     max_new_tokens: int = 256
     temperature: float = 0.8
     term_bias: float = 0.0  # logit bias towards the key terms of each note's prompt (SamplingConfig.term_bias)
+    title_steering: Literal["codes_without_terms", "every_code"] = "codes_without_terms"  # SamplingConfig.title_steering
+    frequency_penalty: float = 0.0  # SamplingConfig.frequency_penalty
     batch_size: int = 16  # transformers backend; vLLM schedules by itself
     # auto: the vLLM server when `make vllm` built its environment, else transformers.
     backend: Literal["auto", "transformers", "vllm", "vllm-server"] = "auto"
@@ -261,7 +265,8 @@ class GenerationConfig:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, batch_size=self.batch_size,
-                              term_bias=self.term_bias)
+                              term_bias=self.term_bias, title_steering=self.title_steering,
+                              frequency_penalty=self.frequency_penalty)
 
 
 @dataclass(kw_only=True)

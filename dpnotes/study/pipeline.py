@@ -186,7 +186,9 @@ class Pipeline:
                 "conditioning": g.conditioning, "conditioning_epsilon": g.conditioning_epsilon,
                 "prior": hashlib.sha256(prior.read_bytes()).hexdigest() if prior and g.conditioning == "prior" else None,
                 "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "term_bias": g.term_bias,
-                "steering": source_digest(*STEERING_MODULES) if g.term_bias else None, "backend": backend,
+                "frequency_penalty": g.frequency_penalty,
+                "steering": source_digest(*STEERING_MODULES) if g.term_bias else None,
+                "title_steering": g.title_steering if g.term_bias else None, "backend": backend,
                 # transformers seeds each batch, so its notes depend on the batch size; vLLM seeds each note
                 "batch_size": g.batch_size if backend == "transformers" else None}
 
