@@ -204,3 +204,26 @@ def test_the_probe_encodes_each_note_once_for_every_epsilon(tmp_path, monkeypatc
     encoded.clear()
     Pipeline(dataclasses.replace(config, dp_coder_epsilons=[1.0, 2.0])).baselines()  # a new ε, a new run
     assert "baselines: dp_probe_eps_2" in capsys.readouterr().out and encoded == []
+
+
+def test_dp_coder_draws_train_each_finite_epsilon_again_and_resume(tmp_path, capsys):
+    """dp_coder_draws: more trainings at each finite ε (never at ∞, which has no noise), each cached on its
+    own; the first stays the reported coder, so raising the count trains only the new draws."""
+    config = load_pipeline_config(None, [
+        f"output_dir={tmp_path}", "train_config=train/configs/tiny_test.yaml", "bootstrap=0", "report_to=none",
+        "dp_coders=[hashed]", "dp_coder_epsilons=[1.0, .inf]", "dp_coder_draws=3",
+        "dp_coder_options.hashed.steps=2", "dp_coder_options.hashed.expected_batch_size=10000",
+    ])
+    sweep = Pipeline(config).baselines()["dp_coder"]["hashed"]
+    assert list(sweep["weighted_f1_draws"]) == ["1"] and len(sweep["weighted_f1_draws"]["1"]) == 3
+    assert sweep["weighted_f1_draws"]["1"][0] == sweep["weighted_f1"]["1"]
+    assert sorted(p.name for p in (tmp_path / "baselines").glob("dp_hashed_eps_1*")) == [
+        "dp_hashed_eps_1.json", "dp_hashed_eps_1_draw_2.json", "dp_hashed_eps_1_draw_3.json"]
+    capsys.readouterr()
+    Pipeline(dataclasses.replace(config, dp_coder_draws=4)).baselines()
+    trained = [line.split("] ")[1] for line in capsys.readouterr().out.splitlines() if "] baselines: dp_" in line]
+    assert trained == ["baselines: dp_hashed_eps_1_draw_4"]
+    from dpnotes.errors import UserError
+
+    with pytest.raises(UserError, match="dp_coder_draws must be ≥ 1"):
+        load_pipeline_config(None, [f"output_dir={tmp_path}", "dp_coder_draws=0"])

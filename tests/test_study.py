@@ -23,6 +23,15 @@ def test_targets_are_met_missed_or_not_measured():
     assert all("not measured yet" in line for line in check_targets(targets, summary({}))[:2])
 
 
+def test_a_dp_gap_with_several_trainings_is_judged_on_their_mean():
+    """One training's noise can put its gap on either side of the target: with dp_coder_draws the verdict
+    is the mean's, and the single trainings' range is shown beside it."""
+    state = summary({}, dp={"10": 0.70, "inf": 0.80})
+    state["baselines"]["dp_coder"]["hashed"]["weighted_f1_draws"] = {"10": [0.70, 0.79, 0.78]}
+    line, = check_targets({"dp_gap": {"epsilon": 10, "within": 0.05}}, state)
+    assert "**met**" in line and "gap 0.0433, mean of 3 DP trainings; one training's gap 0.01 to 0.1" in line
+
+
 def test_the_shipped_study_names_existing_pipeline_configs():
     from dpnotes.study.pipeline import ROOT
 
@@ -48,8 +57,21 @@ def test_results_are_written_for_finished_parts_and_say_what_has_not_run(tmp_pat
     })
     text = write_results(study, {"a": 120.0}).read_text()
     assert "## Part A" in text and "0.850 [0.800, 0.900]" in text and "2.0 min" in text
+    assert "DP trainings" not in text  # one training per ε: no spread column
     assert "DP hashed coder at ε = 1 within 0.05 weighted F1 of ε = ∞: **met** (gap 0)" in text
     assert "## Part B\n\nNot run yet." in text
+
+
+def test_results_show_the_spread_of_several_dp_trainings(tmp_path):
+    root = tmp_path / "study"
+    (root / "a").mkdir(parents=True)
+    dp = {"metrics": {"micro_f1": 0.5, "weighted_f1": 0.5}, "privacy": {"epsilon_spent": 0.99}}
+    sweep = {"by_epsilon": {"1": dp, "inf": dp}, "weighted_f1_draws": {"1": [0.5, 0.7]}}
+    (root / "a" / "baselines.json").write_text(json.dumps({"dp_coder": {"probe": sweep}}))
+    study = StudyConfig(str(root), str(tmp_path / "results.md"),
+                        {"a": StudyPart("dpnotes/study/configs/study_default.yaml", "Part A", only="baselines")})
+    rows = [line for line in write_results(study, {}).read_text().splitlines() if line.startswith("| probe")]
+    assert rows[0].endswith("| 0.600 ± 0.141 (2) |  |") and rows[1].endswith("| — |  |")  # ∞: trained once
 
 
 def test_a_part_measured_elsewhere_keeps_its_section(tmp_path):

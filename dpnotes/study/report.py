@@ -96,6 +96,15 @@ def dp_coder_sweeps(baselines: dict) -> dict[str, dict[float, dict]]:
             for name, sweep in sweeps.items() if isinstance(sweep, dict) and sweep.get("by_epsilon")}
 
 
+def dp_coder_draws(baselines: dict) -> dict[str, dict[float, list[float]]]:
+    """{name: {ε: weighted F1 of each DP training}} of the coders trained more than once per ε
+    (PipelineConfig.dp_coder_draws); the first value is the coder that dp_coder_sweeps reports."""
+    dp = baselines.get("dp_coder") or {}
+    sweeps = {} if "by_epsilon" in dp else dp
+    return {name: {float(key): values for key, values in sweep["weighted_f1_draws"].items()}
+            for name, sweep in sweeps.items() if isinstance(sweep, dict) and sweep.get("weighted_f1_draws")}
+
+
 def _caveats(training: dict, notes_missing: bool, evaluation: dict | None) -> list[str]:
     """What a row of the table is missing or qualified by, in words."""
     caveats = [] if training else ["not trained yet"]
