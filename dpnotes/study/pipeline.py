@@ -80,7 +80,7 @@ class PipelineConfig:
     # Trainings of each DP coder per finite ε, each with its own secret seeds. The first is the reported
     # coder; the others measure how far the DP noise alone moves its F1 (on 782 reports one draw's
     # ε = 10 gap moves by ~0.035), and a target on a gap is judged on their mean. ε = ∞ is trained once:
-    # with full batches it has no randomness at all.
+    # it adds no noise (with full batches, as on the small corpora, it has no randomness at all).
     dp_coder_draws: int = 1
     report_to: str = "wandb"
     # A memorisation audit shown with this study: a pipeline config (a small corpus seen many times,
