@@ -30,7 +30,6 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -236,19 +235,3 @@ def load_causal_lm(
 def load_encoder(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = resolve_model(name)
     return AutoModel.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
-
-
-def load_sequence_classifier(
-    name: str,
-    num_labels: int,
-    problem_type: str = "multi_label_classification",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = resolve_model(name)
-    tokenizer = _tokenizer_with_pad(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, problem_type=problem_type, dtype=dtype
-    )
-    # Decoder classifiers pool the last non-pad token and need the pad id to find it.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer

@@ -25,6 +25,19 @@ def test_bert_classifier_all_parameters_and_lora(mode):
     assert_clipper_matches_oracle(lora, multilabel_classification_losses, batch, mode)
 
 
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_pooled_lora_classifier_of_the_dp_lora_coder(mode):
+    """DPLoRACoder's model: LoRA in the encoder, mean pooling over padded tokens, L2 normalisation, a head
+    on (B, d) features, the loss summed over labels."""
+    from dpnotes.evaluation.dp_classifier import PooledClassifier, multilabel_summed_losses
+
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=torch.float32)
+    data = random_batch(vocab=128, batch=4, seq_len=10, seed=5)
+    batch = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"], "labels": labels}
+    model = PooledClassifier(with_lora(tiny_bert(), ["query", "value"]), torch.nn.Linear(32, 3))
+    assert_clipper_matches_oracle(model, multilabel_summed_losses, batch, mode)
+
+
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_single_token_and_tiny_batches(batch_size):
     model = tiny_llama()

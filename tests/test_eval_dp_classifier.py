@@ -20,7 +20,7 @@ LABELS = public_label_space(None, "default")
 def setup():
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     splits = split_by_patient(generate_default_corpus(n_patients=40, seed=5), seed=0)
-    factory = lambda n: (tiny_bert(num_labels=n, vocab=tokenizer.vocab_size, seed=2), tokenizer)  # noqa: E731
+    factory = lambda: (tiny_bert(vocab=tokenizer.vocab_size, seed=2), tokenizer)  # noqa: E731
     return splits, factory
 
 
@@ -38,18 +38,24 @@ def test_sweep_reports_weighted_f1_and_privacy_per_epsilon(setup):
     assert private["steps_taken"] == 2
 
 
-def test_only_lora_and_classifier_are_trained(setup):
+def test_only_lora_and_the_head_are_trained_from_the_title_start(setup):
+    """Adapters at zero and the head as the titles' zero-shot coder: before any step the coder scores
+    a note by the similarity of its pooled features to each code's title, as the probe starts."""
     splits, factory = setup
+    titles = {LABELS[0]: "type 2 diabetes mellitus", LABELS[1]: "essential hypertension"}
     coder = DPLoRACoder(math.inf, LABELS, model=factory, steps=2, expected_batch_size=8, max_length=32, lora_rank=2,
-                        privacy_unit="sequence")
-    before = {n: p.detach().clone() for n, p in coder._build(len(LABELS))[0].named_parameters()}
-    head_biases = [v for n, v in before.items() if "classifier" in n and n.endswith("bias")]
-    assert head_biases and all((b == -3.0).all() for b in head_biases)  # data-independent rare-code prior
+                        privacy_unit="sequence", titles=titles)
+    coder.labels = LABELS
+    start = coder._build(len(LABELS))
+    title_features = start.features(**coder._tokens(list(titles.values())))
+    assert torch.allclose(start.head.weight[:2], coder.TITLE_SCALE * title_features, atol=1e-6)
+    assert (start.head.weight[2:] == 0).all() and (start.head.bias == -3.0).all()  # untitled; rare-code prior
+    before = {n: p.detach().clone() for n, p in start.named_parameters()}
     coder.fit(splits["train"], splits["dev"])
     trainable = {n for n, p in coder.model_.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
-    assert any("lora_" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
-    changed = {n for n, p in coder.model_.named_parameters() if n in before and not (p == before[n]).all()}
+    assert any("lora_" in n for n in trainable) and {"head.weight", "head.bias"} <= trainable
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    changed = {n for n, p in coder.model_.named_parameters() if not (p == before[n]).all()}
     assert changed and changed <= trainable
     assert coder.predict_proba(splits["test"]).shape == (len(splits["test"]), len(coder.labels))
     assert coder.privacy_["privacy_units"] == len(splits["train"])

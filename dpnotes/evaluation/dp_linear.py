@@ -28,10 +28,9 @@ from torch import nn
 
 from dpnotes.corpus.schema import Note
 from dpnotes.evaluation.coders import EvalInputError, _require_notes, mean_pool
-from dpnotes.evaluation.dp_classifier import DPCoder, DPTraining
+from dpnotes.evaluation.dp_classifier import DPCoder, DPTraining, EncoderFactory, multilabel_summed_losses, start_from_titles
 from dpnotes.models import load_encoder
 
-EncoderFactory = Callable[[], tuple[nn.Module, object]]  # () -> (encoder, tokenizer), as EncoderCoder takes
 
 
 class HashedNgramFeatures:
@@ -142,14 +141,6 @@ class FrozenEncoderFeatures:
         return np.stack([self._by_key[k] for k in keys])
 
 
-def multilabel_summed_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) binary cross-entropy summed over labels. Summed, not averaged as in
-    `losses.multilabel_classification_losses`: a note's gradient then has norm O(1) whatever the
-    number of labels, so one clipping norm C suits every label list."""
-    logits = model(batch["features"])
-    return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"], reduction="none").sum(dim=1)
-
-
 def _dense(rows) -> torch.Tensor:
     return torch.from_numpy(rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)).float()
 
@@ -214,15 +205,10 @@ class DPLinearCoder(DPCoder):
 
     def _head(self, dim: int) -> nn.Linear:
         head = nn.Linear(dim, len(self.labels))
-        with torch.no_grad():
-            head.weight.zero_()
-            titled = [row for row, code in enumerate(self.labels) if code in self.titles]
-            if titled:
-                rows = _dense(self.features.transform([self.titles[self.labels[row]] for row in titled]))
-                head.weight[titled] = self.title_scale * rows
-            # The prior of a rare code (p ≈ 0.05 at -3): DP-SGD would otherwise spend its first
-            # steps walking the biases down from p = 0.5, with noise added on the way.
-            head.bias.fill_(self.head_bias_init if self.head_bias_init is not None else 0.0)
+        # The bias prior of a rare code (p ≈ 0.05 at -3): DP-SGD would otherwise spend its first steps
+        # walking the biases down from p = 0.5, with noise added on the way.
+        start_from_titles(head, self.labels, self.titles, self.title_scale, self.head_bias_init,
+                          lambda texts: _dense(self.features.transform(texts)))
         return head
 
     def fit(self, train, dev=None):
@@ -231,7 +217,7 @@ class DPLinearCoder(DPCoder):
         self.model_ = self._head(x.shape[1])
 
         def fetch(indices: list[int]) -> dict[str, torch.Tensor]:
-            return {"features": _dense(x[indices]), "labels": targets[indices]}
+            return {"input": _dense(x[indices]), "labels": targets[indices]}  # nn.Linear(input)
 
         learning_rate = self._learning_rate(self._units(train)[1])
         self._train_private(self.model_, fetch, multilabel_summed_losses, train,

@@ -18,8 +18,7 @@ from dpnotes.evaluation.dp_linear import linear_coders
 
 
 def _lora_coders(labels: Sequence[str], titles: Mapping[str, str] | None, **options) -> Callable[[float], DPCoder]:
-    del titles  # LoRA's classifier head starts at 0: the title start is the linear heads'
-    return lambda epsilon: DPLoRACoder(epsilon, labels, **options)
+    return lambda epsilon: DPLoRACoder(epsilon, labels, titles=titles, **options)
 
 
 def _linear_coders(kind: str) -> Callable[..., Callable[[float], DPCoder]]:
