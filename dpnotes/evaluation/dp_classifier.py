@@ -189,12 +189,12 @@ class DPLoRACoder(DPCoder):
     before any private step this is exactly the probe's start; DP-Adam then moves the adapters and the
     head together.
 
-    Why this shape (2026-12-01; the first recipe scored weighted F1 0.17 / 0.07 at ε = 1 / 10 on
-    CMC-2007 against 0.71 without noise): that recipe put a head at 0 on BERT's CLS pooler, which a
-    mean-pooled sentence encoder such as MiniLM was not trained to fill, and averaged the loss over the
-    labels, so with C = 1 the per-note gradients were far below C and the noise σC swamped them. Here
-    the features are those the encoder was trained for, the head starts where the probe starts, the loss
-    is summed over labels and C = 0.1 clips nearly every unit (docs/utility.md section 4c).
+    Why this shape (docs/utility.md section 4c): the first recipe scored weighted F1 0.11 at ε = 10 on a
+    CMC-2007 train partition where this one scores 0.66 (0.73 at ε = ∞). That recipe put a random head
+    on BERT's CLS pooler, which MiniLM's sentence training (mean pooling) never tuned, and averaged the
+    loss over the 45 labels, so with C = 1 the per-note gradients sat far below C and the noise σC
+    swamped them. Here the features are those the encoder was trained for, the head starts where the
+    probe starts, the loss is summed over labels and C = 0.1 clips nearly every unit.
     """
 
     TRAINING = DPTraining(steps=100, expected_batch_size=64, micro_batch_size=32, max_grad_norm=0.1, learning_rate=2e-3)
