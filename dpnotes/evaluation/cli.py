@@ -76,9 +76,9 @@ class CodersConfig(NotesConfig):
 
 @dataclass(kw_only=True)
 class DPClassifierConfig(DPCoderSettings, NotesConfig):
-    # lora: DP-LoRA MiniLM; probe: DP linear probe on frozen MiniLM features; hashed: DP logistic
-    # regression on hashed word n-grams
-    coder: DPCoderKind = "lora"
+    # probe: DP linear probe on frozen MiniLM features (the best on small corpora, docs/utility.md §4);
+    # hashed: DP logistic regression on hashed word n-grams; lora: DP-LoRA MiniLM (minutes per ε on a CPU)
+    coder: DPCoderKind = "probe"
     epsilons: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, math.inf])
     privacy_unit: Literal["patient", "sequence"] = "patient"
     labels: str | None = None  # public label list: a file (one code per line) or a shipped list's name

@@ -78,8 +78,8 @@ class PipelineConfig:
     dp_coder_options: dict[str, DPCoderSettings] = field(default_factory=dict)
     dp_coder_labels: str | None = None  # public label list (name or file); None: the corpus kind's public list
     # Trainings of each DP coder per finite ε, each with its own secret seeds. The first is the reported
-    # coder; the others measure how far the DP noise alone moves its F1 (on 782 reports one draw's
-    # ε = 10 gap moves by ~0.035), and a target on a gap is judged on their mean. ε = ∞ is trained once:
+    # coder; the others measure how far the DP noise alone moves its F1 (on CMC-2007's train partitions one
+    # training's ε = 10 gap moved by ~0.035), and a target on a gap is judged on their mean. ε = ∞ is trained once:
     # it adds no noise (with full batches, as on the small corpora, it has no randomness at all).
     dp_coder_draws: int = 1
     report_to: str = "wandb"
